@@ -1,1 +1,145 @@
+//! deepgrow-server: a Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA HTTP API.
+//!
+//! Data flows one way: HTTP ([`api`]) -> decode ([`nifti_io`]) -> pipeline ([`deepgrow`]) -> engine
+//! ([`engine`]) -> pipeline -> encode, with the whole click in [`annotate::annotate`].
 
+pub mod annotate;
+pub mod api;
+pub mod config;
+pub mod deepgrow;
+pub mod engine;
+pub mod error;
+pub mod models;
+pub mod nifti_io;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ndarray::Array4;
+use tracing_subscriber::EnvFilter;
+
+use crate::api::{AppState, Limiter, SharedState};
+use crate::config::{Config, LogFormat};
+use crate::engine::{Engine, TractEngine};
+use crate::models::Registry;
+use crate::nifti_io::DecodeLimits;
+use crate::sessions::{SessionLimits, SessionStore};
+
+pub use crate::api::app;
+
+/// Initialises logging (RUST_LOG filters, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads every model under the configured folder with tract, and warms each one up with a full run.
+pub fn load_models(config: &Config) -> anyhow::Result<Registry> {
+    let threads = config.inference_threads();
+    let registry = Registry::load(&config.models_dir, |path, input_size| {
+        let start = Instant::now();
+        let engine = TractEngine::load(path, input_size, threads)?;
+        let loaded = start.elapsed();
+        let [h, w] = input_size;
+        engine.infer(Array4::zeros((1, 3, h, w)))?;
+        tracing::info!(
+            path = %path.display(),
+            load_ms = loaded.as_millis() as u64,
+            warmup_ms = (start.elapsed() - loaded).as_millis() as u64,
+            "model optimised and warmed up"
+        );
+        Ok(Arc::new(engine) as Arc<dyn Engine>)
+    })
+    .with_context(|| format!("loading models from {}", config.models_dir.display()))?;
+    Ok(registry)
+}
+
+/// The shared state for a registry under a configuration.
+pub fn build_state(config: &Config, registry: Registry) -> SharedState {
+    Arc::new(AppState {
+        registry,
+        sessions: SessionStore::new(SessionLimits {
+            default_expiry: Duration::from_secs(config.session_expiry),
+            max_expiry: Duration::from_secs(config.session_max_expiry.max(config.session_expiry)),
+            memory_budget: config.session_memory_bytes,
+            max_sessions: config.max_sessions.max(1),
+        }),
+        limiter: Limiter::new(config.workers(), config.queue),
+        decode_limits: DecodeLimits { max_decompressed_bytes: config.max_decompressed_bytes },
+        max_upload_bytes: config.max_upload_bytes,
+        started: Instant::now(),
+    })
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: SharedState,
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let sweeper_state = state.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let dropped = sweeper_state.sessions.sweep();
+            if dropped > 0 {
+                tracing::info!(dropped, "expired sessions dropped");
+            }
+        }
+    });
+    let router = app(state, &config.cors_origins);
+    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    sweeper.abort();
+    result.context("serving HTTP")
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Loads and warms the models, then listens (the server answers only once it is ready).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let load_config = config.clone();
+    let registry = tokio::task::spawn_blocking(move || load_models(&load_config)).await??;
+    let state = build_state(&config, registry);
+    let address = std::net::SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        models = ?state.registry.models().iter().map(|m| m.info.name.as_str()).collect::<Vec<_>>(),
+        workers = config.workers(),
+        ready_ms = start.elapsed().as_millis() as u64,
+        "deepgrow-server ready"
+    );
+    serve(listener, state, &config, shutdown_signal()).await
+}

@@ -1,0 +1,204 @@
+//! The HTTP layer: validates, converts and maps errors; CPU work goes to the blocking pool behind permits.
+
+mod aiaa;
+mod multipart;
+mod params;
+mod session;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::{error_body, ApiError};
+use crate::models::{Model, Registry};
+use crate::nifti_io::DecodeLimits;
+use crate::sessions::SessionStore;
+
+pub use params::DeepgrowParams;
+
+/// Bounds CPU work: `workers` requests run at once, `queue` more may wait, the rest get 503 at once.
+pub struct Limiter {
+    admission: Arc<Semaphore>,
+    workers: Arc<Semaphore>,
+}
+
+impl Limiter {
+    pub fn new(workers: usize, queue: usize) -> Self {
+        Limiter {
+            admission: Arc::new(Semaphore::new(workers + queue)),
+            workers: Arc::new(Semaphore::new(workers)),
+        }
+    }
+
+    async fn acquire(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
+        let admitted = self.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
+        let worker = self
+            .workers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("worker pool closed".into()))?;
+        Ok((admitted, worker))
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub registry: Registry,
+    pub sessions: SessionStore,
+    pub limiter: Limiter,
+    pub decode_limits: DecodeLimits,
+    pub max_upload_bytes: usize,
+    pub started: Instant,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// Runs CPU-bound work on the blocking pool once a worker permit is free; a panic becomes a logged 500.
+    pub async fn run_cpu<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    {
+        let permits = self.limiter.acquire().await?;
+        let span = tracing::Span::current();
+        let result = tokio::task::spawn_blocking(move || {
+            let _permits = permits;
+            span.in_scope(work)
+        })
+        .await;
+        match result {
+            Ok(result) => result,
+            Err(join_error) => Err(ApiError::Internal(format!("worker task failed: {join_error}"))),
+        }
+    }
+
+    /// The model a request names; when it names none and exactly one model is served, that one.
+    pub fn model(&self, name: Option<&str>) -> Result<Arc<Model>, ApiError> {
+        match name.filter(|n| !n.is_empty()) {
+            Some(name) => {
+                self.registry.get(name).cloned().ok_or_else(|| ApiError::UnknownModel(name.to_owned()))
+            }
+            None => match self.registry.models() {
+                [only] => Ok(only.clone()),
+                _ => Err(ApiError::BadRequest(
+                    "the query parameter 'model' is required when several models are served".into(),
+                )),
+            },
+        }
+    }
+}
+
+/// CORS for browser viewers: `*` allows any origin, otherwise the listed origins.
+fn cors(origins: &[String]) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers(Any)
+        .expose_headers(Any);
+    if origins.is_empty() || origins.iter().any(|o| o.trim() == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<HeaderValue> =
+            origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()).collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    }
+}
+
+/// The router; tests drive it over a real socket or with `tower::ServiceExt::oneshot`.
+pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
+    let max_upload = state.max_upload_bytes;
+    Router::new()
+        .route("/", get(index))
+        .route("/health", get(health))
+        .route("/ready", get(health))
+        .route("/v1/models", get(aiaa::list_models))
+        .route("/v1/deepgrow", post(aiaa::deepgrow))
+        .route("/v1/inference", post(aiaa::deepgrow))
+        .route("/v1/segmentation", post(aiaa::segmentation))
+        .route("/session", put(session::create))
+        .route("/session/", put(session::create))
+        .route("/session/{id}", get(session::get).delete(session::delete))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_upload))
+        .layer(cors(cors_origins))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], error_body(kind, message)).into_response()
+}
+
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(%detail, "request handler panicked");
+    json_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+}
+
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "NotFound", "no such endpoint; see GET / for the API this server speaks")
+}
+
+async fn method_not_allowed() -> Response {
+    json_error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "this endpoint does not accept that method")
+}
+
+async fn health(State(state): State<SharedState>) -> Json<serde_json::Value> {
+    let (sessions, session_bytes) = state.sessions.usage();
+    Json(serde_json::json!({
+        "status": "ready",
+        "models": state.registry.models().iter().map(|m| &m.info.name).collect::<Vec<_>>(),
+        "sessions": sessions,
+        "session_bytes": session_bytes,
+        "uptime_s": state.started.elapsed().as_secs(),
+    }))
+}
+
+async fn index(State(state): State<SharedState>) -> Html<String> {
+    let models: String = state
+        .registry
+        .models()
+        .iter()
+        .map(|m| {
+            format!(
+                "<li><b>{}</b> ({} {}, version {}): {}</li>",
+                escape(&m.info.name),
+                escape(&m.info.model_type),
+                escape(m.info.deepgrow.as_deref().unwrap_or("")),
+                escape(&m.info.version),
+                escape(&m.info.description)
+            )
+        })
+        .collect();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>deepgrow-server</title></head><body>\
+         <h1>deepgrow-server {}</h1>\
+         <p>A Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API: point 3D Slicer's NvidiaAIAA \
+         plugin, MITK, OHIF or the AIAA Python client at this address.</p>\
+         <h2>Models</h2><ul>{models}</ul>\
+         <h2>Endpoints</h2><ul><li>GET /v1/models</li><li>POST /v1/deepgrow, POST /v1/inference</li>\
+         <li>PUT /session/, GET /session/{{id}}, DELETE /session/{{id}}</li><li>GET /health</li></ul>\
+         </body></html>",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

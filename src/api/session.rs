@@ -1,0 +1,96 @@
+//! AIAA sessions: `PUT /session/` stores a decoded volume, `GET`/`DELETE /session/{id}`; 440 when unknown.
+
+use std::sync::Arc;
+
+use axum::extract::multipart::Multipart;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::header;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::multipart::read_upload;
+use super::SharedState;
+use crate::annotate::decode_upload;
+use crate::error::ApiError;
+use crate::sessions::SessionError;
+
+#[derive(Debug, Deserialize)]
+pub struct CreateQuery {
+    expiry: Option<String>,
+}
+
+fn parse_expiry(value: Option<&str>) -> Result<Option<u64>, ApiError> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(|v| Some(v as u64))
+            .ok_or_else(|| ApiError::BadRequest(format!("expiry must be a number of seconds, got '{text}'"))),
+    }
+}
+
+/// `PUT /session/?expiry=<s>` with a multipart image (Python, C++, OHIF form); OHIF's DICOM-fetch JSON is refused.
+pub async fn create(
+    State(state): State<SharedState>,
+    Query(query): Query<CreateQuery>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let expiry = parse_expiry(query.expiry.as_deref())?;
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if content_type.starts_with("application/json") {
+        return Err(ApiError::Unsupported(
+            "creating a session by fetching from a DICOM server is not supported; upload the volume as a \
+             multipart file instead (in OHIF, untick 'Fetch Images From Dicom Server')"
+                .into(),
+        ));
+    }
+    let multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body with the image: {e}")))?;
+    let upload = read_upload(multipart).await?;
+    let file = upload
+        .file
+        .ok_or_else(|| ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into()))?;
+    let limits = state.decode_limits;
+    let volume = state.run_cpu(move || decode_upload(&file.bytes, limits).map(|v| (v, file.name))).await?;
+    let (volume, name) = volume;
+    let (id, info) = state
+        .sessions
+        .create(Arc::new(volume), name, expiry)
+        .map_err(|SessionError::TooLarge { needed, budget }| {
+            ApiError::PayloadTooLarge(format!(
+                "the volume needs {needed} bytes in memory, more than the session budget of {budget} bytes"
+            ))
+        })?;
+    tracing::info!(session = %id, shape = ?info.meta.shape, "session created");
+    Ok(Json(json!({ "session_id": id, "session_info": info })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GetQuery {
+    update_ts: Option<String>,
+}
+
+pub async fn get(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    Query(query): Query<GetQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let refresh = query.update_ts.as_deref().is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1"));
+    let info = state.sessions.info(&id, refresh).ok_or(ApiError::SessionExpired(id))?;
+    Ok(Json(serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?))
+}
+
+pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let info = state.sessions.remove(&id).ok_or(ApiError::SessionExpired(id.clone()))?;
+    tracing::info!(session = %id, "session closed");
+    Ok(Json(json!({ "session_id": id, "session_info": info, "deleted": true })))
+}

@@ -1,0 +1,82 @@
+//! Server configuration: one clap struct, every flag also read from a `DEEPGROW_*` environment variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "deepgrow-server", version, about = "Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API")]
+pub struct Config {
+    /// Address to listen on (127.0.0.1 keeps the server local; use 0.0.0.0 to expose it).
+    #[arg(long, env = "DEEPGROW_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// TCP port to listen on (AIAA clients default to 5000).
+    #[arg(long, env = "DEEPGROW_PORT", default_value_t = 5000)]
+    pub port: u16,
+
+    /// Folder with one sub-folder per model (model.onnx + config.json, or + Clara config_aiaa.json).
+    #[arg(long, env = "DEEPGROW_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+
+    /// Requests that may run CPU work (decode, inference) at the same time; defaults to the number of cores.
+    #[arg(long, env = "DEEPGROW_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Requests that may wait for a worker; beyond workers + queue the server answers 503 at once.
+    #[arg(long, env = "DEEPGROW_QUEUE", default_value_t = 8)]
+    pub queue: usize,
+
+    /// Threads one inference may use (tract's executor); defaults to the number of cores.
+    #[arg(long, env = "DEEPGROW_INFERENCE_THREADS")]
+    pub inference_threads: Option<usize>,
+
+    /// Largest accepted request body in bytes (uploads are whole CT volumes).
+    #[arg(long, env = "DEEPGROW_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    pub max_upload_bytes: usize,
+
+    /// Largest accepted decompressed NIfTI in bytes (bounds what a small .nii.gz may expand to).
+    #[arg(long, env = "DEEPGROW_MAX_DECOMPRESSED_BYTES", default_value_t = 4 << 30)]
+    pub max_decompressed_bytes: u64,
+
+    /// Session expiry in seconds when the client asks for none (expiry=0 or absent).
+    #[arg(long, env = "DEEPGROW_SESSION_EXPIRY", default_value_t = 3600)]
+    pub session_expiry: u64,
+
+    /// Longest session expiry a client may ask for, in seconds.
+    #[arg(long, env = "DEEPGROW_SESSION_MAX_EXPIRY", default_value_t = 86400)]
+    pub session_max_expiry: u64,
+
+    /// Memory the session store may hold, in bytes; least recently used sessions are evicted beyond it.
+    #[arg(long, env = "DEEPGROW_SESSION_MEMORY_BYTES", default_value_t = 8 << 30)]
+    pub session_memory_bytes: usize,
+
+    /// Most sessions held at once; least recently used sessions are evicted beyond it.
+    #[arg(long, env = "DEEPGROW_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+
+    /// Allowed CORS origins, comma-separated; `*` allows any origin (browser viewers such as OHIF).
+    #[arg(long, env = "DEEPGROW_CORS_ORIGINS", default_value = "*", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Log format.
+    #[arg(long, env = "DEEPGROW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(num_cpus::get).max(1)
+    }
+
+    pub fn inference_threads(&self) -> usize {
+        self.inference_threads.unwrap_or_else(num_cpus::get).max(1)
+    }
+}

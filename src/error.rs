@@ -1,0 +1,119 @@
+//! The one error type of the HTTP layer and its one mapping to status codes and the AIAA JSON error body:
+//! `{"error": {"message": ["..."], "type": "..."}, "success": false}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::deepgrow::DeepgrowError;
+use crate::engine::EngineError;
+use crate::nifti_io::NiftiError;
+
+/// AIAA's status for an unknown or expired session (clients map it to "session expired").
+pub const SESSION_EXPIRED: u16 = 440;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Nifti(#[from] NiftiError),
+    #[error(transparent)]
+    Deepgrow(#[from] DeepgrowError),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("model '{0}' is not served here; GET /v1/models lists the models")]
+    UnknownModel(String),
+    #[error("{0}")]
+    WrongModelType(String),
+    #[error("session '{0}' is unknown or has expired; upload the image again to create a new session")]
+    SessionExpired(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the server is busy with other requests; retry shortly")]
+    Overloaded,
+    #[error("inference failed")]
+    Engine(#[from] EngineError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Nifti(NiftiError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Deepgrow(e) if !e.is_client_error() => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Nifti(_) | ApiError::Deepgrow(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnknownModel(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::WrongModelType(_) => StatusCode::BAD_REQUEST,
+            ApiError::SessionExpired(_) => {
+                StatusCode::from_u16(SESSION_EXPIRED).expect("440 is a valid status code")
+            }
+            ApiError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `type` field of the AIAA error body.
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Nifti(_) => "InvalidImage",
+            ApiError::Deepgrow(_) => "InvalidClicks",
+            ApiError::PayloadTooLarge(_) => "PayloadTooLarge",
+            ApiError::UnknownModel(_) => "ModelNotFound",
+            ApiError::WrongModelType(_) => "WrongModelType",
+            ApiError::SessionExpired(_) => "SessionExpired",
+            ApiError::NotFound(_) => "NotFound",
+            ApiError::Unsupported(_) => "NotImplemented",
+            ApiError::Overloaded => "Overloaded",
+            ApiError::Engine(_) => "InferenceError",
+            ApiError::Internal(_) => "InternalError",
+        }
+    }
+}
+
+/// Builds the AIAA error body for a status and message (also used for rejections raised outside handlers).
+pub fn error_body(kind: &str, message: &str) -> String {
+    serde_json::json!({
+        "error": { "message": [message], "type": kind },
+        "success": false,
+    })
+    .to_string()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        // Server faults are logged with their details and answered without them.
+        let message = match &self {
+            ApiError::Deepgrow(e) if !e.is_client_error() => {
+                tracing::error!(error = %e, "pipeline fault");
+                "internal error in the deepgrow pipeline".to_owned()
+            }
+            ApiError::Engine(e) => {
+                tracing::error!(error = %e, "inference failed");
+                self.to_string()
+            }
+            ApiError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                self.to_string()
+            }
+            _ => {
+                tracing::info!(status = status.as_u16(), error = %self, "request rejected");
+                self.to_string()
+            }
+        };
+        let mut response = (status, error_body(self.kind(), &message)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, ApiError::Overloaded) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

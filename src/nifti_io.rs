@@ -1,0 +1,708 @@
+//! NIfTI-1 decoding and mask encoding.
+//!
+//! The `nifti` crate parses the 348-byte header (both byte orders); the voxel data is converted here into a
+//! typed buffer kept in its stored datatype, so that a session holds about the file's voxel bytes and only the
+//! clicked slice is ever converted to `f32`. The mask written back reuses the input's raw header bytes, so its
+//! geometry (dims, pixdim, qform, sform and their codes) is the input's, byte for byte.
+
+use std::io::Read;
+
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use ndarray::{Array2, ArrayView2};
+use nifti::{Endianness, NiftiHeader};
+
+const HEADER_SIZE: usize = 348;
+/// Header plus the 4-byte extension flag: where voxel data starts in a single-file `.nii` without extensions.
+const MIN_SINGLE_FILE_OFFSET: usize = 352;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Why an uploaded file could not be used as a volume. Every variant is the client's problem (4xx).
+#[derive(Debug, thiserror::Error)]
+pub enum NiftiError {
+    #[error("the uploaded file is not a NIfTI-1 file ({0})")]
+    NotNifti(String),
+    #[error("NIfTI-2 files are not supported; save the volume as NIfTI-1 (.nii or .nii.gz), as every viewer does by default")]
+    Nifti2,
+    #[error("the uploaded file is a header-only NIfTI (.hdr/.img pair); upload a single-file .nii or .nii.gz")]
+    HeaderOnly,
+    #[error("the gzip stream could not be decompressed: {0}")]
+    BadGzip(String),
+    #[error("the decompressed volume exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the NIfTI header is invalid: {0}")]
+    BadHeader(String),
+    #[error("the volume is not a 3D scalar volume: {0}")]
+    NotScalar3d(String),
+    #[error("the NIfTI datatype {0} is not supported")]
+    UnsupportedDatatype(String),
+    #[error("the file is truncated: the header promises {expected} bytes of voxel data after offset {offset}, but only {available} are present")]
+    Truncated { expected: u64, offset: u64, available: u64 },
+}
+
+/// Voxel values in the datatype they were stored with (native byte order).
+#[derive(Debug, Clone, PartialEq)]
+pub enum VoxelData {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Applies `value * slope + inter` in the float width numpy/nibabel would pick for the stored type, then casts
+/// to `f32` as MONAI's loader does: 8- and 16-bit integers and float32 scale in `f32`, wider types in `f64`.
+trait ToScaledF32: Copy {
+    fn to_scaled_f32(self, scaling: Option<Scaling>) -> f32;
+}
+
+macro_rules! scale_in {
+    ($ty:ty, $float:ty) => {
+        impl ToScaledF32 for $ty {
+            #[inline]
+            fn to_scaled_f32(self, scaling: Option<Scaling>) -> f32 {
+                match scaling {
+                    None => self as f32,
+                    Some(Scaling { slope, inter }) => {
+                        let mut value = self as $float * slope as $float;
+                        if inter != 0.0 {
+                            value += inter as $float;
+                        }
+                        value as f32
+                    }
+                }
+            }
+        }
+    };
+}
+scale_in!(u8, f32);
+scale_in!(i8, f32);
+scale_in!(u16, f32);
+scale_in!(i16, f32);
+scale_in!(f32, f32);
+scale_in!(u32, f64);
+scale_in!(i32, f64);
+scale_in!(u64, f64);
+scale_in!(i64, f64);
+scale_in!(f64, f64);
+
+/// Dispatches a generic body over the typed buffer of a [`VoxelData`].
+macro_rules! with_voxels {
+    ($data:expr, $values:ident => $body:expr) => {
+        match $data {
+            VoxelData::U8($values) => $body,
+            VoxelData::I8($values) => $body,
+            VoxelData::U16($values) => $body,
+            VoxelData::I16($values) => $body,
+            VoxelData::U32($values) => $body,
+            VoxelData::I32($values) => $body,
+            VoxelData::U64($values) => $body,
+            VoxelData::I64($values) => $body,
+            VoxelData::F32($values) => $body,
+            VoxelData::F64($values) => $body,
+        }
+    };
+}
+
+impl VoxelData {
+    pub fn len(&self) -> usize {
+        with_voxels!(self, values => values.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held in memory.
+    pub fn byte_size(&self) -> usize {
+        with_voxels!(self, values => std::mem::size_of_val(values.as_slice()))
+    }
+
+    pub fn datatype_name(&self) -> &'static str {
+        match self {
+            VoxelData::U8(_) => "uint8",
+            VoxelData::I8(_) => "int8",
+            VoxelData::U16(_) => "uint16",
+            VoxelData::I16(_) => "int16",
+            VoxelData::U32(_) => "uint32",
+            VoxelData::I32(_) => "int32",
+            VoxelData::U64(_) => "uint64",
+            VoxelData::I64(_) => "int64",
+            VoxelData::F32(_) => "float32",
+            VoxelData::F64(_) => "float64",
+        }
+    }
+}
+
+/// nibabel's read scaling: applied only when the slope is non-zero and finite, and not the identity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scaling {
+    pub slope: f32,
+    pub inter: f32,
+}
+
+/// Where the volume sits in the world, and the raw header it came with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Geometry {
+    /// [size_i, size_j, size_k]; i is the fastest-varying axis in the file.
+    pub shape: [usize; 3],
+    /// nibabel's best affine (sform, else qform, else the pixdim fallback), voxel index -> world mm.
+    pub affine: [[f64; 4]; 4],
+    raw_header: Box<[u8; HEADER_SIZE]>,
+    endianness: Endianness,
+}
+
+/// A decoded 3D scalar volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Volume {
+    pub geometry: Geometry,
+    pub data: VoxelData,
+    pub scaling: Option<Scaling>,
+    /// Whether the upload was gzip-compressed (the reply mirrors it by default).
+    pub was_compressed: bool,
+}
+
+impl Volume {
+    /// Slice `k` as an (H, W) array indexed `[i, j]`, scaled to `f32` as nibabel + MONAI would.
+    /// The result is a transposed view of i-fastest memory (strides (1, H)); the pipeline accepts any strides.
+    pub fn slice_f32(&self, k: usize) -> Array2<f32> {
+        let [h, w, d] = self.geometry.shape;
+        assert!(k < d, "slice index is validated before it reaches the volume");
+        let plane = h * w;
+        let scaling = self.scaling;
+        let values: Vec<f32> = with_voxels!(&self.data, values => values[k * plane..(k + 1) * plane]
+            .iter()
+            .map(|v| v.to_scaled_f32(scaling))
+            .collect());
+        Array2::from_shape_vec((w, h), values)
+            .expect("plane length matches the shape")
+            .reversed_axes()
+    }
+
+    /// Bytes this volume holds in memory (what a session costs).
+    pub fn byte_size(&self) -> usize {
+        self.data.byte_size() + HEADER_SIZE
+    }
+}
+
+/// Limits applied while decoding untrusted input.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest decompressed file accepted, in bytes.
+    pub max_decompressed_bytes: u64,
+}
+
+/// Decodes a `.nii` or `.nii.gz` file (detected by its magic bytes, not its name).
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<Volume, NiftiError> {
+    let was_compressed = bytes.starts_with(&GZIP_MAGIC);
+    if was_compressed {
+        let raw = gunzip(bytes, limits.max_decompressed_bytes)?;
+        decode_raw(&raw, true)
+    } else {
+        if bytes.len() as u64 > limits.max_decompressed_bytes {
+            return Err(NiftiError::TooLarge { limit: limits.max_decompressed_bytes });
+        }
+        decode_raw(bytes, false)
+    }
+}
+
+fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, NiftiError> {
+    // The gzip trailer holds the uncompressed size modulo 2^32: a good capacity hint, never trusted beyond `limit`.
+    let size_hint = bytes
+        .len()
+        .checked_sub(4)
+        .map(|at| u32::from_le_bytes(bytes[at..].try_into().expect("4 bytes")) as u64)
+        .unwrap_or(0)
+        .min(limit);
+    let mut out = Vec::with_capacity(size_hint as usize);
+    let mut reader = MultiGzDecoder::new(bytes).take(limit + 1);
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| NiftiError::BadGzip(e.to_string()))?;
+    if out.len() as u64 > limit {
+        return Err(NiftiError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> {
+    if bytes.len() < HEADER_SIZE {
+        return Err(NiftiError::NotNifti(format!(
+            "{} bytes is shorter than a NIfTI-1 header",
+            bytes.len()
+        )));
+    }
+    let sizeof_hdr = i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+    match sizeof_hdr {
+        348 => {}
+        540 => return Err(NiftiError::Nifti2),
+        v if v.swap_bytes() == 348 => {}
+        v if v.swap_bytes() == 540 => return Err(NiftiError::Nifti2),
+        _ => return Err(NiftiError::NotNifti("the header size field is not 348".into())),
+    }
+    let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
+        .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
+    match &header.magic {
+        b"n+1\0" => {}
+        b"ni1\0" => return Err(NiftiError::HeaderOnly),
+        _ => return Err(NiftiError::NotNifti("the magic string is not \"n+1\"".into())),
+    }
+
+    let shape = scalar_3d_shape(&header)?;
+    let datatype = header.datatype;
+    let bytes_per_voxel = bytes_per_voxel(datatype)?;
+
+    let offset = data_offset(header.vox_offset)?;
+    let voxel_count = shape
+        .iter()
+        .try_fold(1u64, |acc, &n| acc.checked_mul(n as u64))
+        .ok_or_else(|| NiftiError::BadHeader("the dimensions overflow".into()))?;
+    let expected = voxel_count
+        .checked_mul(bytes_per_voxel as u64)
+        .ok_or_else(|| NiftiError::BadHeader("the dimensions overflow".into()))?;
+    let available = (bytes.len() as u64).saturating_sub(offset as u64);
+    if expected > available {
+        return Err(NiftiError::Truncated { expected, offset: offset as u64, available });
+    }
+    let raw = &bytes[offset..offset + expected as usize];
+    let big_endian = header.endianness == Endianness::Big;
+    let data = convert_voxels(datatype, raw, big_endian)?;
+
+    let scaling = read_scaling(&header)?;
+    let affine = best_affine(&header)?;
+    let raw_header: Box<[u8; HEADER_SIZE]> =
+        Box::new(bytes[..HEADER_SIZE].try_into().expect("length checked above"));
+    Ok(Volume {
+        geometry: Geometry { shape, affine, raw_header, endianness: header.endianness },
+        data,
+        scaling,
+        was_compressed,
+    })
+}
+
+/// A 3D scalar volume: dim[0] = 3, or 4..7 with every extra dimension equal to 1.
+fn scalar_3d_shape(header: &NiftiHeader) -> Result<[usize; 3], NiftiError> {
+    let ndim = header.dim[0] as usize;
+    if !(1..=7).contains(&ndim) {
+        return Err(NiftiError::BadHeader(format!("dim[0] = {ndim} must be between 1 and 7")));
+    }
+    let dims = &header.dim[1..=ndim];
+    if let Some(zero) = dims.iter().position(|&d| d == 0 || d > i16::MAX as u16) {
+        return Err(NiftiError::BadHeader(format!(
+            "dim[{}] = {} must be positive",
+            zero + 1,
+            dims[zero] as i16
+        )));
+    }
+    if ndim < 3 {
+        return Err(NiftiError::NotScalar3d(format!(
+            "it has {ndim} dimension(s) ({dims:?}); Deepgrow 2D needs a 3D volume"
+        )));
+    }
+    if dims[3..].iter().any(|&d| d != 1) {
+        return Err(NiftiError::NotScalar3d(format!(
+            "its dimensions are {dims:?}: a 4D (or higher) series with more than one volume; upload a single 3D volume"
+        )));
+    }
+    Ok([dims[0] as usize, dims[1] as usize, dims[2] as usize])
+}
+
+fn bytes_per_voxel(datatype: i16) -> Result<usize, NiftiError> {
+    Ok(match datatype {
+        2 | 256 => 1,
+        4 | 512 => 2,
+        8 | 16 | 768 => 4,
+        64 | 1024 | 1280 => 8,
+        128 | 2304 => {
+            return Err(NiftiError::NotScalar3d("it holds RGB colour voxels, not intensities".into()))
+        }
+        32 | 1792 | 2048 => {
+            return Err(NiftiError::NotScalar3d("it holds complex-valued voxels".into()))
+        }
+        1 => return Err(NiftiError::UnsupportedDatatype("1 (binary)".into())),
+        1536 => return Err(NiftiError::UnsupportedDatatype("1536 (float128)".into())),
+        other => return Err(NiftiError::UnsupportedDatatype(other.to_string())),
+    })
+}
+
+fn data_offset(vox_offset: f32) -> Result<usize, NiftiError> {
+    if !vox_offset.is_finite() || vox_offset < 0.0 || vox_offset.fract() != 0.0 {
+        return Err(NiftiError::BadHeader(format!("vox_offset {vox_offset} is not a byte offset")));
+    }
+    // nibabel reads vox_offset 0 in a single file as "data right after the header".
+    let offset = if vox_offset == 0.0 { MIN_SINGLE_FILE_OFFSET } else { vox_offset as usize };
+    if offset < MIN_SINGLE_FILE_OFFSET {
+        return Err(NiftiError::BadHeader(format!(
+            "vox_offset {offset} points inside the header (it must be at least {MIN_SINGLE_FILE_OFFSET})"
+        )));
+    }
+    Ok(offset)
+}
+
+fn convert_voxels(datatype: i16, raw: &[u8], big_endian: bool) -> Result<VoxelData, NiftiError> {
+    macro_rules! typed {
+        ($ty:ty) => {{
+            const N: usize = std::mem::size_of::<$ty>();
+            raw.chunks_exact(N)
+                .map(|chunk| {
+                    let bytes: [u8; N] = chunk.try_into().expect("chunks_exact");
+                    if big_endian {
+                        <$ty>::from_be_bytes(bytes)
+                    } else {
+                        <$ty>::from_le_bytes(bytes)
+                    }
+                })
+                .collect::<Vec<$ty>>()
+        }};
+    }
+    Ok(match datatype {
+        2 => VoxelData::U8(raw.to_vec()),
+        256 => VoxelData::I8(typed!(i8)),
+        4 => VoxelData::I16(typed!(i16)),
+        512 => VoxelData::U16(typed!(u16)),
+        8 => VoxelData::I32(typed!(i32)),
+        768 => VoxelData::U32(typed!(u32)),
+        1024 => VoxelData::I64(typed!(i64)),
+        1280 => VoxelData::U64(typed!(u64)),
+        16 => VoxelData::F32(typed!(f32)),
+        64 => VoxelData::F64(typed!(f64)),
+        other => return Err(NiftiError::UnsupportedDatatype(other.to_string())),
+    })
+}
+
+fn read_scaling(header: &NiftiHeader) -> Result<Option<Scaling>, NiftiError> {
+    let (slope, inter) = (header.scl_slope, header.scl_inter);
+    if slope == 0.0 || !slope.is_finite() {
+        return Ok(None);
+    }
+    if !inter.is_finite() {
+        return Err(NiftiError::BadHeader(format!("scl_inter {inter} is not finite")));
+    }
+    if slope == 1.0 && inter == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(Scaling { slope, inter }))
+}
+
+/// nibabel's `get_best_affine`: sform if its code is non-zero, else qform if its code is non-zero, else the
+/// pixdim-based fallback. Header values are float32; the qform is composed in float32 as nibabel does.
+fn best_affine(h: &NiftiHeader) -> Result<[[f64; 4]; 4], NiftiError> {
+    let mut affine = [[0.0f64; 4]; 4];
+    affine[3][3] = 1.0;
+    if h.sform_code != 0 {
+        for (row, srow) in [h.srow_x, h.srow_y, h.srow_z].iter().enumerate() {
+            for col in 0..4 {
+                affine[row][col] = srow[col] as f64;
+            }
+        }
+    } else if h.qform_code != 0 {
+        let rotation = quaternion_rotation(h.quatern_b, h.quatern_c, h.quatern_d)?;
+        let mut zooms = [h.pixdim[1], h.pixdim[2], h.pixdim[3]];
+        if zooms.iter().any(|&z| z < 0.0) {
+            return Err(NiftiError::BadHeader("negative pixdim with a qform".into()));
+        }
+        let qfac = if h.pixdim[0] == -1.0 { -1.0f32 } else { 1.0 };
+        zooms[2] *= qfac;
+        for row in 0..3 {
+            for col in 0..3 {
+                affine[row][col] = (rotation[row][col] * zooms[col]) as f64;
+            }
+        }
+        affine[0][3] = h.quatern_x as f64;
+        affine[1][3] = h.quatern_y as f64;
+        affine[2][3] = h.quatern_z as f64;
+    } else {
+        // nibabel's base affine: x flipped, origin at the volume centre.
+        let shape = [h.dim[1], h.dim[2], h.dim[3]];
+        let zooms = [-(h.pixdim[1] as f64), h.pixdim[2] as f64, h.pixdim[3] as f64];
+        for axis in 0..3 {
+            affine[axis][axis] = zooms[axis];
+            affine[axis][3] = -((shape[axis] as f64 - 1.0) / 2.0) * zooms[axis];
+        }
+    }
+    if affine.iter().flatten().any(|v| !v.is_finite()) {
+        return Err(NiftiError::BadHeader("the affine contains NaN or infinity".into()));
+    }
+    Ok(affine)
+}
+
+/// nibabel's `fillpositive` + `quat2mat`, in float32 like nibabel on float32 header fields.
+fn quaternion_rotation(b: f32, c: f32, d: f32) -> Result<[[f32; 3]; 3], NiftiError> {
+    let threshold = -3.0 * f32::EPSILON;
+    let w2 = 1.0 - (b * b + c * c + d * d);
+    let a = if w2 < 0.0 {
+        if w2 < threshold {
+            return Err(NiftiError::BadHeader("the qform quaternion has a norm above 1".into()));
+        }
+        0.0
+    } else {
+        w2.sqrt()
+    };
+    let (w, x, y, z) = (a, b, c, d);
+    let nq = w * w + x * x + y * y + z * z;
+    if nq < f32::EPSILON {
+        return Ok([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]);
+    }
+    let s = 2.0 / nq;
+    let (xs, ys, zs) = (x * s, y * s, z * s);
+    let (wx, wy, wz) = (w * xs, w * ys, w * zs);
+    let (xx, xy, xz) = (x * xs, x * ys, x * zs);
+    let (yy, yz, zz) = (y * ys, y * zs, z * zs);
+    Ok([
+        [1.0 - (yy + zz), xy - wz, xz + wy],
+        [xy + wz, 1.0 - (xx + zz), yz - wx],
+        [xz - wy, yz + wx, 1.0 - (xx + yy)],
+    ])
+}
+
+/// Output voxel type of a mask file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskDtype {
+    U8,
+    U16,
+}
+
+impl MaskDtype {
+    fn nifti_code(self) -> (i16, i16) {
+        match self {
+            MaskDtype::U8 => (2, 8),
+            MaskDtype::U16 => (512, 16),
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            MaskDtype::U8 => 1,
+            MaskDtype::U16 => 2,
+        }
+    }
+}
+
+/// Writes the full mask volume in i-fastest order: zero everywhere except slice `k`, which holds `mask` ([i, j]).
+/// Values are written in `endianness` (the input's, so the raw header stays valid).
+fn mask_voxels(
+    shape: [usize; 3],
+    k: usize,
+    mask: ArrayView2<u8>,
+    dtype: MaskDtype,
+    big_endian: bool,
+) -> Vec<u8> {
+    let [h, w, _] = shape;
+    let voxel = dtype.bytes();
+    let mut out = vec![0u8; shape.iter().product::<usize>() * voxel];
+    let plane = &mut out[k * h * w * voxel..(k + 1) * h * w * voxel];
+    for ((i, j), &value) in mask.indexed_iter() {
+        if value != 0 {
+            let at = (j * h + i) * voxel;
+            match dtype {
+                MaskDtype::U8 => plane[at] = value,
+                MaskDtype::U16 => {
+                    let bytes =
+                        if big_endian { (value as u16).to_be_bytes() } else { (value as u16).to_le_bytes() };
+                    plane[at..at + 2].copy_from_slice(&bytes);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Encodes a mask as a single-file NIfTI-1 with the input's exact header geometry (and byte order).
+pub fn encode_mask_nifti(
+    geometry: &Geometry,
+    k: usize,
+    mask: ArrayView2<u8>,
+    dtype: MaskDtype,
+    compress: bool,
+) -> Vec<u8> {
+    let big_endian = geometry.endianness == Endianness::Big;
+    let mut header = *geometry.raw_header;
+    let (datatype, bitpix) = dtype.nifti_code();
+    let put_i16 = |header: &mut [u8; HEADER_SIZE], at: usize, v: i16| {
+        let bytes = if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+        header[at..at + 2].copy_from_slice(&bytes);
+    };
+    let put_f32 = |header: &mut [u8; HEADER_SIZE], at: usize, v: f32| {
+        let bytes = if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+        header[at..at + 4].copy_from_slice(&bytes);
+    };
+    put_i16(&mut header, 68, 0); // intent_code: a plain label image
+    put_i16(&mut header, 70, datatype);
+    put_i16(&mut header, 72, bitpix);
+    put_f32(&mut header, 108, MIN_SINGLE_FILE_OFFSET as f32); // vox_offset
+    put_f32(&mut header, 112, 1.0); // scl_slope
+    put_f32(&mut header, 116, 0.0); // scl_inter
+    put_f32(&mut header, 124, 1.0); // cal_max
+    put_f32(&mut header, 128, 0.0); // cal_min
+    header[344..348].copy_from_slice(b"n+1\0");
+
+    let voxels = mask_voxels(geometry.shape, k, mask, dtype, big_endian);
+    let mut file = Vec::with_capacity(MIN_SINGLE_FILE_OFFSET + voxels.len());
+    file.extend_from_slice(&header);
+    file.extend_from_slice(&[0u8; 4]); // no extensions
+    file.extend_from_slice(&voxels);
+    if compress {
+        gzip(&file)
+    } else {
+        file
+    }
+}
+
+/// Encodes a mask as NRRD (what the OHIF AIAA extension reads), with the input's world geometry.
+pub fn encode_mask_nrrd(
+    geometry: &Geometry,
+    k: usize,
+    mask: ArrayView2<u8>,
+    dtype: MaskDtype,
+    compress: bool,
+) -> Vec<u8> {
+    let [h, w, d] = geometry.shape;
+    let a = &geometry.affine;
+    let direction = |col: usize| format!("({},{},{})", a[0][col], a[1][col], a[2][col]);
+    let header = format!(
+        "NRRD0004\n# Complete NRRD file format specification at:\n# http://teem.sourceforge.net/nrrd/format.html\n\
+         type: {}\ndimension: 3\nspace: right-anterior-superior\nsizes: {h} {w} {d}\n\
+         space directions: {} {} {}\nkinds: domain domain domain\nendian: little\nencoding: {}\n\
+         space origin: ({},{},{})\n\n",
+        match dtype {
+            MaskDtype::U8 => "uint8",
+            MaskDtype::U16 => "uint16",
+        },
+        direction(0),
+        direction(1),
+        direction(2),
+        if compress { "gzip" } else { "raw" },
+        a[0][3],
+        a[1][3],
+        a[2][3],
+    );
+    let voxels = mask_voxels(geometry.shape, k, mask, dtype, false);
+    let mut file = header.into_bytes();
+    if compress {
+        file.extend_from_slice(&gzip(&voxels));
+    } else {
+        file.extend_from_slice(&voxels);
+    }
+    file
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    // Masks are almost all zeros: the fastest level already compresses them well.
+    let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 64 + 1024), Compression::fast());
+    std::io::Write::write_all(&mut encoder, bytes).expect("writing to a Vec cannot fail");
+    encoder.finish().expect("writing to a Vec cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal little- or big-endian NIfTI-1 file, built byte by byte (independent of the decoder).
+    pub(crate) fn synthetic_nifti(shape: [u16; 3], datatype: i16, bitpix: i16, data: &[u8], big: bool) -> Vec<u8> {
+        let mut h = vec![0u8; 352];
+        let i32b = |v: i32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let i16b = |v: i16| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let f32b = |v: f32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        h[0..4].copy_from_slice(&i32b(348));
+        let dims = [3i16, shape[0] as i16, shape[1] as i16, shape[2] as i16, 1, 1, 1, 1];
+        for (n, d) in dims.iter().enumerate() {
+            h[40 + 2 * n..42 + 2 * n].copy_from_slice(&i16b(*d));
+        }
+        h[70..72].copy_from_slice(&i16b(datatype));
+        h[72..74].copy_from_slice(&i16b(bitpix));
+        for (n, p) in [1.0f32, 0.8, 0.8, 2.5].iter().enumerate() {
+            h[76 + 4 * n..80 + 4 * n].copy_from_slice(&f32b(*p));
+        }
+        h[108..112].copy_from_slice(&f32b(352.0));
+        h[112..116].copy_from_slice(&f32b(0.0));
+        h[254..256].copy_from_slice(&i16b(2)); // sform_code
+        let srows = [[-0.8f32, 0.0, 0.0, 10.0], [0.0, 0.8, 0.0, -20.0], [0.0, 0.0, 2.5, 30.0]];
+        for (r, row) in srows.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                h[280 + 16 * r + 4 * c..284 + 16 * r + 4 * c].copy_from_slice(&f32b(*v));
+            }
+        }
+        h[344..348].copy_from_slice(b"n+1\0");
+        h.extend_from_slice(data);
+        h
+    }
+
+    fn limits() -> DecodeLimits {
+        DecodeLimits { max_decompressed_bytes: 1 << 30 }
+    }
+
+    #[test]
+    fn decodes_both_byte_orders_to_the_same_values() {
+        let values: Vec<i16> = (0..4 * 3 * 2).map(|v| v as i16 * 100 - 1000).collect();
+        let le: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let be: Vec<u8> = values.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let a = decode(&synthetic_nifti([4, 3, 2], 4, 16, &le, false), limits()).unwrap();
+        let b = decode(&synthetic_nifti([4, 3, 2], 4, 16, &be, true), limits()).unwrap();
+        assert_eq!(a.data, VoxelData::I16(values.clone()));
+        assert_eq!(a.data, b.data);
+        assert_eq!(a.geometry.affine, b.geometry.affine);
+        assert_eq!(a.geometry.shape, [4, 3, 2]);
+        assert_eq!(a.geometry.affine[0], [-0.800000011920929, 0.0, 0.0, 10.0]);
+        // slice 1, voxel (i=2, j=1) is element 2 + 1*4 + 1*12 of the i-fastest buffer
+        let slice = a.slice_f32(1);
+        assert_eq!(slice.dim(), (4, 3));
+        assert_eq!(slice[[2, 1]], values[2 + 4 + 12] as f32);
+    }
+
+    #[test]
+    fn rejects_truncated_data_with_sizes() {
+        let file = synthetic_nifti([4, 3, 2], 4, 16, &[0u8; 10], false);
+        match decode(&file, limits()) {
+            Err(NiftiError::Truncated { expected: 48, available: 10, .. }) => {}
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gzip_is_detected_by_magic_and_bounded() {
+        let file = synthetic_nifti([4, 3, 2], 2, 8, &[7u8; 24], false);
+        let gz = gzip(&file);
+        let volume = decode(&gz, limits()).unwrap();
+        assert!(volume.was_compressed);
+        assert_eq!(volume.data, VoxelData::U8(vec![7; 24]));
+        let tiny = DecodeLimits { max_decompressed_bytes: 100 };
+        assert!(matches!(decode(&gz, tiny), Err(NiftiError::TooLarge { limit: 100 })));
+    }
+
+    #[test]
+    fn rejects_rgb_and_4d_series() {
+        let rgb = synthetic_nifti([2, 2, 2], 128, 24, &[0u8; 24], false);
+        assert!(matches!(decode(&rgb, limits()), Err(NiftiError::NotScalar3d(_))));
+        let mut four_d = synthetic_nifti([2, 2, 2], 2, 8, &[0u8; 16], false);
+        four_d[40..42].copy_from_slice(&4i16.to_le_bytes());
+        four_d[48..50].copy_from_slice(&2i16.to_le_bytes());
+        assert!(matches!(decode(&four_d, limits()), Err(NiftiError::NotScalar3d(_))));
+    }
+
+    #[test]
+    fn mask_keeps_header_geometry_and_touches_only_slice_k() {
+        let file = synthetic_nifti([4, 3, 2], 4, 16, &[0u8; 48], true);
+        let volume = decode(&file, limits()).unwrap();
+        let mut mask = Array2::<u8>::zeros((4, 3));
+        mask[[3, 2]] = 1;
+        let encoded = encode_mask_nifti(&volume.geometry, 1, mask.view(), MaskDtype::U8, false);
+        let decoded = decode(&encoded, limits()).unwrap();
+        assert_eq!(decoded.geometry.shape, volume.geometry.shape);
+        assert_eq!(decoded.geometry.affine, volume.geometry.affine);
+        let VoxelData::U8(values) = decoded.data else { panic!("uint8 expected") };
+        let set: Vec<usize> = values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(n, _)| n).collect();
+        assert_eq!(set, vec![3 + 2 * 4 + 12]);
+        // Everything but the datatype fields equals the input header.
+        for (n, (a, b)) in encoded[..348].iter().zip(&file[..348]).enumerate() {
+            if !(68..76).contains(&n) && !(108..120).contains(&n) && !(124..132).contains(&n) {
+                assert_eq!(a, b, "header byte {n} changed");
+            }
+        }
+    }
+}

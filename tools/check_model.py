@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Check a Deepgrow 2D model.onnx three ways, and (re)write the Rust parity fixture.
+
+1. onnx.checker.check_model(full_check=True)
+2. parameter count: the ONNX weights are loaded back into MONAI BasicUNet (strict) and counted (7,783,425)
+3. PyTorch (that BasicUNet) vs onnxruntime CPU: max abs diff on the fixture input and on a seeded N(0,1) input
+
+    tools/.venv/bin/python tools/check_model.py                    # checks models/deepgrow_2d/model.onnx
+    tools/.venv/bin/python tools/check_model.py --write-fixture    # also rewrites tests/fixtures/model_reference/
+    tools/.venv/bin/python tools/check_model.py --model DIR/model.onnx --seed 0   # also: weights == seeded init?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deepgrow_model as dm  # noqa: E402
+
+STRIDE = 4
+
+
+def onnx_state_dict(model_proto) -> dict:
+    """Recover the BasicUNet state dict from the ONNX initializers.
+
+    The TorchScript exporter stores each parameter under its state-dict name, except that identical tensors
+    are deduplicated: the duplicate is then an Identity node whose output carries the state-dict name."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model_proto.graph.initializer}
+    sd = dict(inits)
+    for node in model_proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            sd[node.output[0]] = inits[node.input[0]]
+    return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+
+
+def io_info(model_proto):
+    inp = model_proto.graph.input[0]
+    out = model_proto.graph.output[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    oshape = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    return inp.name, shape, out.name, oshape
+
+
+def check(model_path: Path, seed: int | None = None, threads: int = 1) -> dict:
+    import onnx
+    import onnxruntime
+
+    model_path = Path(model_path)
+    proto = onnx.load(str(model_path))
+    onnx.checker.check_model(proto, full_check=True)
+    in_name, in_shape, out_name, out_shape = io_info(proto)
+
+    sd = onnx_state_dict(proto)
+    net = dm.build_net()
+    net.load_state_dict({k: sd[k] for k in net.state_dict().keys()}, strict=True)
+    net.eval()
+    n_params = dm.count_params(net)
+
+    seeded_equal = None
+    if seed is not None:
+        ref = dm.build_net(seed=seed).state_dict()
+        seeded_equal = all(torch.equal(ref[k], net.state_dict()[k]) for k in ref)
+
+    h, w = in_shape[2], in_shape[3]
+    sess = dm.ort_session(model_path, threads)
+    x_fix = dm.fixture_input(h, w)
+    rng = np.random.default_rng(0)
+    x_rand = rng.standard_normal((1, 3, h, w)).astype(np.float32)
+
+    y_ort_fix = sess.run([out_name], {in_name: x_fix})[0]
+    y_ort_rand = sess.run([out_name], {in_name: x_rand})[0]
+    y_pt_fix = dm.run_torch(net, x_fix)
+    y_pt_rand = dm.run_torch(net, x_rand)
+    with torch.no_grad():
+        y_f64_fix = net.double()(torch.from_numpy(x_fix).double()).numpy()
+    net.float()
+
+    return {
+        "model": str(model_path),
+        "model_sha256": dm.sha256_file(model_path),
+        "checker_full_check": "ok",
+        "input": [in_name, in_shape],
+        "output": [out_name, out_shape],
+        "params": n_params,
+        "params_ok": n_params == dm.EXPECTED_PARAMS,
+        "weights_equal_seeded_init": seeded_equal,
+        "torch_vs_ort_max_abs_diff_fixture": float(np.abs(y_pt_fix - y_ort_fix).max()),
+        "torch_vs_ort_max_abs_diff_randn": float(np.abs(y_pt_rand - y_ort_rand).max()),
+        "torch_f64_vs_ort_max_abs_diff_fixture": float(np.abs(y_f64_fix - y_ort_fix).max()),
+        "torch_f64_vs_torch_f32_max_abs_diff_fixture": float(np.abs(y_f64_fix - y_pt_fix).max()),
+        "ort_output_range_fixture": [float(y_ort_fix.min()), float(y_ort_fix.max())],
+        "onnxruntime_version": onnxruntime.__version__,
+        "torch_version": torch.__version__,
+        "_y_ort_fix": y_ort_fix,
+    }
+
+
+def write_fixture(report: dict, out_dir: Path) -> None:
+    import onnxruntime
+
+    y = report["_y_ort_fix"]
+    if list(y.shape) != [1, 1, 512, 512]:
+        raise SystemExit(f"the fixture is defined for a 1x1x512x512 output, got {list(y.shape)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sub = np.ascontiguousarray(y[0, 0, ::STRIDE, ::STRIDE]).astype("<f4")
+    (out_dir / "logits_stride4.f32").write_bytes(sub.tobytes())
+    y64 = y.astype(np.float64)
+    summary = {
+        "formula": dm.FIXTURE_FORMULA,
+        "shape": list(y.shape),
+        "stride": STRIDE,
+        "mean": float(y64.mean()),
+        "std": float(y64.std()),
+        "min": float(y64.min()),
+        "max": float(y64.max()),
+        "onnxruntime_version": onnxruntime.__version__,
+        "model_sha256": report["model_sha256"],
+        "stats_of": "all 1x1x512x512 logits (float64 accumulation, population std)",
+        "values_file": "logits_stride4.f32: little-endian float32 pred[0,0,::4,::4], 128x128, row-major (h, then w)",
+        "torch_vs_onnxruntime_max_abs_diff": report["torch_vs_ort_max_abs_diff_fixture"],
+        "torch_float64_vs_onnxruntime_max_abs_diff": report["torch_f64_vs_ort_max_abs_diff_fixture"],
+    }
+    (out_dir / "summary.json").write_text(dm.dumps_json(summary))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=dm.MODEL_DIR / "model.onnx")
+    ap.add_argument("--seed", type=int, default=None, help="also check that the weights equal BasicUNet's init under this seed")
+    ap.add_argument("--max-diff", type=float, default=1e-4, help="fail if torch vs onnxruntime differs more (default 1e-4)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write-fixture", action="store_true", help="rewrite tests/fixtures/model_reference/")
+    ap.add_argument("--fixture-dir", type=Path, default=dm.FIXTURE_DIR)
+    args = ap.parse_args(argv)
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.set_num_threads(args.threads)
+    rep = check(args.model, seed=args.seed, threads=args.threads)
+    for k, v in rep.items():
+        if not k.startswith("_"):
+            print(f"{k}: {v}")
+    ok = rep["params_ok"] and rep["torch_vs_ort_max_abs_diff_fixture"] <= args.max_diff \
+        and rep["torch_vs_ort_max_abs_diff_randn"] <= args.max_diff and rep["weights_equal_seeded_init"] is not False
+    if args.write_fixture:
+        write_fixture(rep, args.fixture_dir)
+        print(f"wrote {args.fixture_dir}/logits_stride4.f32 and summary.json")
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""Training recipe for the bundled Deepgrow 2D model (issue 4): train, evaluate, export.
+
+Data: every labelled CT volume in --data-dir (imagesTr/X.nii.gz + labelsTr/X.nii.gz). Every non-zero label id on
+a slice is a separate binary target (deepgrow is class-agnostic). The case --val-case (default
+totalseg_example_ct_dicom) is held out for validation and is never trained on.
+
+Pre-processing is the serving pipeline (config.json "pipeline"), done with MONAI's transforms:
+  volume (H, W, D) -> slice axis first (EnsureChannelFirstd(channel_dim=-1), as AsChannelFirstd at inference)
+  -> Spacingd(pixdim=[1, 1]) in-plane (bilinear image, nearest label) -> one 2D slice
+  -> SpatialCropForegroundd(crop_size) -> Resized(model_size, area / nearest) -> (x - 208) / 308
+  -> AddInitialSeedPointd -> AddGuidanceSignald(sigma 2).
+No RAS reorientation (unlike monai.apps.deepgrow.dataset.create_dataset): the server does not reorient either.
+Random flips of both in-plane axes stand in for the orientations seen in practice (--no-augment turns them off).
+
+Click simulation is MONAI's Deepgrow one: monai.apps.deepgrow.interaction.Interaction with
+Activationsd(sigmoid) -> FindDiscrepancyRegionsd -> AddRandomGuidanced -> AddGuidanceSignald, up to
+--max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True), Adam lr 1e-4.
+
+    # train (GPU if available), checkpoints in --work-dir every --ckpt-every steps; --resume continues from last.pt
+    tools/.venv/bin/python tools/train.py --work-dir scratch/train --steps 20000
+    tools/.venv/bin/python tools/train.py --work-dir scratch/train --steps 40000 --resume
+    # Dice on the held-out case per organ after 1, 3, 5, 10 simulated clicks
+    tools/.venv/bin/python tools/train.py --eval --checkpoint scratch/train/best.pt
+    # export into the served model folder (model.onnx + config.json), then refresh the parity fixture
+    tools/.venv/bin/python tools/train.py --export --checkpoint scratch/train/best.pt --out-dir models/deepgrow_2d
+    tools/.venv/bin/python tools/check_model.py --write-fixture
+    # smoke run (seconds on CPU)
+    tools/.venv/bin/python tools/train.py --smoke --work-dir /tmp/dg_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import deepgrow_model as dm  # noqa: E402
+
+ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}  # TotalSegmentator "total" ids
+DEFAULT_DATA = Path("/work/shared/data/ct_labeled")
+DEFAULT_VAL_CASE = "totalseg_example_ct_dicom"
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def list_cases(data_dir: Path) -> list[str]:
+    names = []
+    for p in sorted((data_dir / "imagesTr").glob("*.nii*")):
+        name = p.name.split(".nii")[0]
+        if list((data_dir / "labelsTr").glob(name + ".nii*")):
+            names.append(name)
+    return names
+
+
+def _case_files(data_dir: Path, name: str) -> tuple[str, str]:
+    img = sorted((data_dir / "imagesTr").glob(name + ".nii*"))[0]
+    lab = sorted((data_dir / "labelsTr").glob(name + ".nii*"))[0]
+    return str(img), str(lab)
+
+
+def resample_case(data_dir: Path, name: str, pixdim) -> tuple[np.ndarray, np.ndarray]:
+    """(D, H', W') float32 image and int16 label at `pixdim` mm in-plane, exactly as the server's S1-S3."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Spacingd
+
+    img, lab = _case_files(data_dir, name)
+    t = Compose([
+        LoadImaged(keys=["image", "label"], image_only=True),
+        EnsureChannelFirstd(keys=["image", "label"], channel_dim=-1),  # slice axis first, like AsChannelFirstd
+        Spacingd(keys=["image", "label"], pixdim=list(pixdim), mode=["bilinear", "nearest"]),
+    ])
+    d = t({"image": img, "label": lab})
+    image = np.asarray(d["image"].numpy(), dtype=np.float32)
+    label = np.rint(np.asarray(d["label"].numpy())).astype(np.int16)
+    return image, label
+
+
+def load_cases(args, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Resampled volumes, cached as .npz under work-dir/cache (keyed by pixdim)."""
+    cache = Path(args.work_dir) / "cache" / ("pixdim_" + "x".join(f"{p:g}" for p in args.pixdim))
+    cache.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        f = cache / f"{name}.npz"
+        if f.is_file():
+            z = np.load(f)
+            out[name] = (z["image"], z["label"])
+        else:
+            image, label = resample_case(Path(args.data_dir), name, args.pixdim)
+            np.savez(f, image=image, label=label)
+            out[name] = (image, label)
+    return out
+
+
+def make_samples(cases: dict, min_area: int, regions: set[int] | None = None) -> list[tuple[str, int, int]]:
+    """(case, slice, region id) for every non-zero label id with >= min_area pixels on a slice."""
+    samples = []
+    for name, (_, label) in cases.items():
+        for s in range(label.shape[0]):
+            ids, counts = np.unique(label[s], return_counts=True)
+            for i, c in zip(ids.tolist(), counts.tolist()):
+                if i != 0 and c >= min_area and (regions is None or i in regions):
+                    samples.append((name, s, int(i)))
+    return samples
+
+
+def sample_dict(cases: dict, sample: tuple[str, int, int]) -> dict:
+    name, s, region = sample
+    image, label = cases[name]
+    return {
+        "image": image[s][None].copy(),
+        "label": (label[s] == region)[None].astype(np.float32),
+        "image_meta_dict": {},
+        "label_meta_dict": {},
+        "case": name, "slice": s, "region": region,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+
+def pre_transforms(args, train: bool):
+    from monai.apps.deepgrow.transforms import AddGuidanceSignald, AddInitialSeedPointd, SpatialCropForegroundd
+    from monai.transforms import Compose, DeleteItemsd, EnsureTyped, NormalizeIntensityd, RandFlipd, Resized, ToNumpyd
+
+    keys = ["image", "label"]
+    t = []
+    if train and args.augment:
+        t += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1)]
+    t += [
+        SpatialCropForegroundd(keys=keys, source_key="label", spatial_size=args.crop_size),
+        Resized(keys=keys, spatial_size=args.model_size, mode=["area", "nearest"]),
+        NormalizeIntensityd(keys="image", subtrahend=args.subtrahend, divisor=args.divisor),
+        ToNumpyd(keys=keys),
+        AddInitialSeedPointd(label="label", guidance="guidance"),
+        AddGuidanceSignald(image="image", guidance="guidance", sigma=args.sigma),
+        DeleteItemsd(keys=["image_meta_dict", "label_meta_dict"]),
+        EnsureTyped(keys=keys, track_meta=False),
+    ]
+    return Compose(t)
+
+
+def click_transforms(args):
+    from monai.apps.deepgrow.transforms import AddGuidanceSignald, AddRandomGuidanced, FindDiscrepancyRegionsd
+    from monai.transforms import Activationsd, Compose, EnsureTyped, ToNumpyd
+
+    return Compose([
+        Activationsd(keys="pred", sigmoid=True),
+        ToNumpyd(keys=["image", "label", "pred"]),
+        FindDiscrepancyRegionsd(label="label", pred="pred", discrepancy="discrepancy"),
+        AddRandomGuidanced(guidance="guidance", discrepancy="discrepancy", probability="probability"),
+        AddGuidanceSignald(image="image", guidance="guidance", sigma=args.sigma),
+        EnsureTyped(keys=["image", "label"], track_meta=False),
+    ])
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Item g of an endless, seeded stream: sample order[g % N] of epoch g // N, transformed with seed (seed, g)."""
+
+    def __init__(self, cases, samples, transforms, seed: int):
+        self.cases, self.samples, self.transforms, self.seed = cases, samples, transforms, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, g: int):
+        n = len(self.samples)
+        epoch = g // n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm_epoch = epoch
+        self.transforms.set_random_state(seed=int(np.random.default_rng([self.seed, g, 1]).integers(2**31)))
+        return self.transforms(sample_dict(self.cases, self.samples[self._perm[g % n]]))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_all(seed: int) -> None:
+    from monai.utils import set_determinism
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed)
+
+
+def dice(pred: np.ndarray, label: np.ndarray) -> float:
+    p, g = pred > 0, label > 0.5
+    denom = p.sum() + g.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, g).sum() / denom)
+
+
+def save_checkpoint(path: Path, net, opt, step: int, args, best: float | None, extra: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": net.state_dict(), "optimizer": opt.state_dict() if opt else None, "step": step,
+        "best_val_dice": best, "args": vars(args), **(extra or {}),
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def evaluate(net, cases, samples, args, device, clicks=(1, 3, 5, 10), batch_size: int = 8) -> dict:
+    """Dice after k simulated clicks (first click: AddInitialSeedPointd; then one click per round where the
+    discrepancy is largest, AddRandomGuidanced with probability 1, as Interaction(train=False)).
+    Dice is computed in network space (crop + resize), per (slice, region); reported as means per organ."""
+    from monai.data import decollate_batch, list_data_collate
+
+    pre = pre_transforms(args, train=False)
+    clk = click_transforms(args)
+    net.eval()
+    kmax = max(clicks)
+    scores = {k: [] for k in clicks}
+    regions = []
+    for b0 in range(0, len(samples), batch_size):
+        items = []
+        for i in range(b0, min(b0 + batch_size, len(samples))):
+            pre.set_random_state(seed=args.seed * 7919 + i)
+            items.append(pre(sample_dict(cases, samples[i])))
+            regions.append(samples[i][2])
+        for k in range(1, kmax + 1):
+            batch = list_data_collate(items)
+            logits = net(batch["image"].to(device)).float()
+            if k in clicks:
+                for j in range(len(items)):
+                    scores[k].append(dice(logits[j].cpu().numpy(), items[j]["label"].numpy()))
+            if k == kmax:
+                break
+            batch["pred"] = logits
+            batch["probability"] = torch.ones(len(items))
+            new = []
+            for j, d in enumerate(decollate_batch(batch, detach=True)):
+                d["probability"] = 1.0
+                clk.set_random_state(seed=args.seed * 104729 + (b0 + j) * 131 + k)
+                d = clk(d)
+                new.append({key: d[key] for key in ("image", "label", "guidance")})
+            items = new
+    regions = np.asarray(regions)
+    report = {}
+    groups = {f"{ORGANS[r]} ({r})": regions == r for r in ORGANS}
+    groups["all evaluated regions"] = np.ones_like(regions, dtype=bool)
+    for gname, mask in groups.items():
+        n = int(mask.sum())
+        if n == 0:
+            report[gname] = "not present"
+            continue
+        report[gname] = {"slices": n, **{f"dice@{k}": float(np.mean(np.asarray(scores[k])[mask])) for k in clicks}}
+    return report
+
+
+def print_report(report: dict, clicks) -> None:
+    head = f"{'organ':28s} {'n':>4s} " + " ".join(f"{'dice@' + str(k):>8s}" for k in clicks)
+    print(head)
+    for g, r in report.items():
+        if isinstance(r, str):
+            print(f"{g:28s} {r}")
+        else:
+            print(f"{g:28s} {r['slices']:4d} " + " ".join(f"{r['dice@' + str(k)]:8.4f}" for k in clicks))
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+class _Engine:
+    """The members of an ignite engine that monai.apps.deepgrow.interaction.Interaction uses, without ignite."""
+
+    def __init__(self, network, device, step_fn):
+        from monai.engines.utils import default_prepare_batch
+        from monai.inferers import SimpleInferer
+
+        self.network, self.amp, self.inferer = network, False, SimpleInferer()
+        self.state = SimpleNamespace(device=device)
+        self._prepare, self._step_fn = default_prepare_batch, step_fn
+
+    def prepare_batch(self, batchdata):
+        return self._prepare(batchdata)
+
+    def fire_event(self, event):
+        pass
+
+    def _iteration(self, engine, batchdata):
+        return self._step_fn(batchdata)
+
+
+def train(args) -> int:
+    from monai.apps.deepgrow.interaction import Interaction
+    from monai.data import list_data_collate
+    from monai.engines.utils import default_prepare_batch
+    from monai.losses import DiceLoss
+
+    seed_all(args.seed)
+    device = pick_device(args.device)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    names = list_cases(Path(args.data_dir))
+    if args.val_case not in names:
+        raise SystemExit(f"validation case {args.val_case} not found in {args.data_dir}")
+    train_names = [n for n in names if n != args.val_case]
+    assert args.val_case not in train_names
+    cases = load_cases(args, names)
+    train_cases = {n: cases[n] for n in train_names}
+    val_cases = {args.val_case: cases[args.val_case]}
+    train_samples = make_samples(train_cases, args.min_area)
+    val_samples = make_samples(val_cases, args.min_area, set(ORGANS))[: args.val_limit or None]
+    print(f"device {device}; train cases {train_names}: {len(train_samples)} (slice, region) samples; "
+          f"validation {args.val_case}: {len(val_samples)} organ samples", flush=True)
+
+    net = dm.build_net(seed=args.seed).to(device)
+    assert dm.count_params(net) == dm.EXPECTED_PARAMS
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    loss_fn = DiceLoss(sigmoid=True)
+    step, best = 0, None
+    last = work / "last.pt"
+    if args.resume:
+        if not last.is_file():
+            raise SystemExit(f"--resume: {last} not found")
+        ck = load_checkpoint(last)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, best = int(ck["step"]), ck.get("best_val_dice")
+        print(f"resumed from {last} at step {step} (best val dice {best})", flush=True)
+    if step >= args.steps:
+        print(f"already at step {step} >= --steps {args.steps}")
+        return 0
+
+    ds = SliceDataset(train_cases, train_samples, pre_transforms(args, train=True), args.seed)
+    sampler = range(step * args.batch_size, args.steps * args.batch_size)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=list_data_collate, persistent_workers=args.workers > 0,
+    )
+    clicks = click_transforms(args)
+    use_amp = args.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    def step_fn(batch):
+        x, y = default_prepare_batch(batch, device)
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", enabled=use_amp):
+            loss = loss_fn(net(x), y)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
+    engine = _Engine(net, device, step_fn)
+    engine.amp = use_amp
+    interaction = Interaction(transforms=clicks, max_interactions=args.max_interactions, train=True)
+    log = open(work / "train_log.jsonl", "a")
+    t0 = time.time()
+    for batch in loader:
+        clicks.set_random_state(seed=int(np.random.default_rng([args.seed, step, 2]).integers(2**31)))
+        loss = interaction(engine, batch)
+        step += 1
+        rec = {"step": step, "loss": loss, "sec": round(time.time() - t0, 3)}
+        if step % args.log_every == 0 or step == args.steps:
+            print(json.dumps(rec), flush=True)
+        if args.val_every and (step % args.val_every == 0 or step == args.steps) and val_samples:
+            rep = evaluate(net, cases, val_samples, args, device, clicks=(args.val_clicks,), batch_size=args.batch_size)
+            val = rep["all evaluated regions"][f"dice@{args.val_clicks}"]
+            rec["val_dice"] = val
+            print(json.dumps({"step": step, f"val_dice@{args.val_clicks}": val}), flush=True)
+            if best is None or val > best:
+                best = val
+                save_checkpoint(work / "best.pt", net, None, step, args, best)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save_checkpoint(last, net, opt, step, args, best)
+            if args.keep_checkpoints:
+                save_checkpoint(work / f"step_{step:07d}.pt", net, opt, step, args, best)
+    log.close()
+    print(f"done: step {step}, {time.time() - t0:.1f} s, checkpoints in {work}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval / export
+
+def _args_from_checkpoint(args, ck: dict):
+    """The pipeline a checkpoint was trained with wins over the command line (sizes, normalisation, sigma)."""
+    saved = ck.get("args", {})
+    for k in ("model_size", "crop_size", "subtrahend", "divisor", "sigma", "pixdim"):
+        if k in saved:
+            setattr(args, k, saved[k])
+    return args
+
+
+def run_eval(args) -> int:
+    seed_all(args.seed)
+    device = pick_device(args.device)
+    ck = load_checkpoint(args.checkpoint)
+    args = _args_from_checkpoint(args, ck)
+    net = dm.load_state_dict_into_net(ck).to(device)
+    cases = load_cases(args, [args.val_case])
+    samples = make_samples(cases, args.min_area, None if args.eval_all_regions else set(ORGANS))
+    samples = samples[: args.eval_limit or None]
+    print(f"eval {args.checkpoint} (step {ck.get('step')}) on {args.val_case}: {len(samples)} (slice, region) samples, "
+          f"network {args.model_size}, device {device}", flush=True)
+    rep = evaluate(net, cases, samples, args, device, clicks=tuple(args.eval_clicks), batch_size=args.batch_size)
+    print_report(rep, args.eval_clicks)
+    out = Path(args.work_dir) / f"eval_step{ck.get('step')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ck.get("step"), "val_case": args.val_case,
+                               "clicks": args.eval_clicks, "report": rep}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def run_export(args) -> int:
+    from export_onnx import export_model_dir
+
+    ck = load_checkpoint(args.checkpoint)
+    args = _args_from_checkpoint(args, ck)
+    net = dm.load_state_dict_into_net(ck)
+    desc = args.description or (
+        f"Deepgrow 2D BasicUNet trained with tools/train.py (step {ck.get('step')}) on the project's labelled CT slices.")
+    sha = export_model_dir(
+        net, Path(args.out_dir), tuple(args.model_size), name=args.name, description=desc, version=args.version,
+        model_size=list(args.model_size), crop_size=list(args.crop_size), subtrahend=args.subtrahend,
+        divisor=args.divisor, sigma=args.sigma, target_spacing=list(args.pixdim),
+    )
+    print(f"wrote {args.out_dir}/model.onnx (sha256 {sha}) and config.json")
+    print("next: tools/.venv/bin/python tools/check_model.py --model "
+          f"{Path(args.out_dir) / 'model.onnx'} [--write-fixture]; update the model card")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--eval", action="store_true", help="evaluate --checkpoint on the held-out case")
+    mode.add_argument("--export", action="store_true", help="export --checkpoint to --out-dir (model.onnx + config.json)")
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--smoke", action="store_true", help="tiny settings that prove the pipeline runs end to end")
+
+    g = ap.add_argument_group("data and pipeline")
+    g.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    g.add_argument("--val-case", default=DEFAULT_VAL_CASE)
+    g.add_argument("--work-dir", type=Path, default=dm.REPO_ROOT / "scratch" / "train")
+    g.add_argument("--pixdim", type=float, nargs=2, default=dm.DEFAULT_PIPELINE["target_spacing"])
+    g.add_argument("--model-size", type=int, nargs=2, default=dm.DEFAULT_PIPELINE["model_size"])
+    g.add_argument("--crop-size", type=int, nargs=2, default=dm.DEFAULT_PIPELINE["crop_size"])
+    g.add_argument("--subtrahend", type=float, default=dm.DEFAULT_PIPELINE["subtrahend"])
+    g.add_argument("--divisor", type=float, default=dm.DEFAULT_PIPELINE["divisor"])
+    g.add_argument("--sigma", type=float, default=dm.DEFAULT_PIPELINE["sigma"])
+    g.add_argument("--min-area", type=int, default=10, help="skip label regions smaller than this (pixels at 1 mm)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no random in-plane flips")
+
+    g = ap.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=20000)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--max-interactions", type=int, default=15)
+    g.add_argument("--ckpt-every", type=int, default=500)
+    g.add_argument("--keep-checkpoints", action="store_true", help="also keep step_NNNNNNN.pt files")
+    g.add_argument("--val-every", type=int, default=1000, help="0: no validation during training")
+    g.add_argument("--val-clicks", type=int, default=5)
+    g.add_argument("--val-limit", type=int, default=0, help="at most this many validation samples (0: all)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--resume", action="store_true", help="continue from work-dir/last.pt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+    g = ap.add_argument_group("eval")
+    g.add_argument("--eval-clicks", type=int, nargs="+", default=[1, 3, 5, 10])
+    g.add_argument("--eval-limit", type=int, default=0)
+    g.add_argument("--eval-all-regions", action="store_true", help="every label id, not only spleen/kidneys/liver")
+
+    g = ap.add_argument_group("export")
+    g.add_argument("--out-dir", type=Path, default=dm.MODEL_DIR)
+    g.add_argument("--name", default="deepgrow_2d")
+    g.add_argument("--version", default="2")
+    g.add_argument("--description", default=None)
+
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model_size, args.crop_size = [64, 64], [64, 64]
+        args.batch_size, args.max_interactions = 2, 3
+        args.steps = args.steps if args.steps != 20000 else 4
+        args.ckpt_every, args.val_every, args.val_limit, args.log_every = 2, 2, 4, 1
+        args.eval_limit = args.eval_limit or 6
+        args.threads = args.threads or 1
+    if (args.eval or args.export) and not args.checkpoint:
+        ap.error("--eval/--export need --checkpoint")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval:
+        return run_eval(args)
+    if args.export:
+        return run_export(args)
+    return train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
