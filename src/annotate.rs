@@ -108,22 +108,45 @@ pub fn annotate(
     });
     let (file, file_name) = match format {
         MaskFormat::NiftiGz => (
-            nifti_io::encode_mask_nifti(&volume.geometry, guidance.slice, mask.view(), output.dtype, true),
+            nifti_io::encode_mask_nifti(
+                &volume.geometry,
+                guidance.slice,
+                mask.view(),
+                output.dtype,
+                true,
+            ),
             "mask.nii.gz",
         ),
         MaskFormat::Nifti => (
-            nifti_io::encode_mask_nifti(&volume.geometry, guidance.slice, mask.view(), output.dtype, false),
+            nifti_io::encode_mask_nifti(
+                &volume.geometry,
+                guidance.slice,
+                mask.view(),
+                output.dtype,
+                false,
+            ),
             "mask.nii",
         ),
         MaskFormat::Nrrd { compress } => (
-            nifti_io::encode_mask_nrrd(&volume.geometry, guidance.slice, mask.view(), output.dtype, compress),
+            nifti_io::encode_mask_nrrd(
+                &volume.geometry,
+                guidance.slice,
+                mask.view(),
+                output.dtype,
+                compress,
+            ),
             "mask.nrrd",
         ),
     };
     latencies.write = millis_since(stage);
     latencies.total = millis_since(start);
 
-    let with_k = |points: &[[i64; 2]]| points.iter().map(|p| [p[0], p[1], guidance.slice as i64]).collect();
+    let with_k = |points: &[[i64; 2]]| {
+        points
+            .iter()
+            .map(|p| [p[0], p[1], guidance.slice as i64])
+            .collect()
+    };
     Ok(Annotation {
         file,
         file_name,

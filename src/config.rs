@@ -12,7 +12,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "deepgrow-server", version, about = "Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API")]
+#[command(
+    name = "deepgrow-server",
+    version,
+    about = "Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API"
+)]
 pub struct Config {
     /// Address to listen on (127.0.0.1 keeps the server local; use 0.0.0.0 to expose it).
     #[arg(long, env = "DEEPGROW_HOST", default_value = "127.0.0.1")]
@@ -63,7 +67,12 @@ pub struct Config {
     pub max_sessions: usize,
 
     /// Allowed CORS origins, comma-separated; `*` allows any origin (browser viewers such as OHIF).
-    #[arg(long, env = "DEEPGROW_CORS_ORIGINS", default_value = "*", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "DEEPGROW_CORS_ORIGINS",
+        default_value = "*",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
 
     /// Log format.

@@ -25,7 +25,9 @@ pub enum ApiError {
     UnknownModel(String),
     #[error("{0}")]
     WrongModelType(String),
-    #[error("session '{0}' is unknown or has expired; upload the image again to create a new session")]
+    #[error(
+        "session '{0}' is unknown or has expired; upload the image again to create a new session"
+    )]
     SessionExpired(String),
     #[error("{0}")]
     NotFound(String),
@@ -110,7 +112,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, error_body(self.kind(), &message)).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if matches!(self, ApiError::Overloaded) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -71,7 +71,9 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
             max_sessions: config.max_sessions.max(1),
         }),
         limiter: Limiter::new(config.workers(), config.queue),
-        decode_limits: DecodeLimits { max_decompressed_bytes: config.max_decompressed_bytes },
+        decode_limits: DecodeLimits {
+            max_decompressed_bytes: config.max_decompressed_bytes,
+        },
         max_upload_bytes: config.max_upload_bytes,
         started: Instant::now(),
     })
@@ -96,7 +98,9 @@ pub async fn serve(
         }
     });
     let router = app(state, &config.cors_origins);
-    let result = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
     sweeper.abort();
     result.context("serving HTTP")
 }

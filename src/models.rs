@@ -35,7 +35,9 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result
     match Value::deserialize(deserializer)? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!("version must be a string, got {other}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "version must be a string, got {other}"
+        ))),
     }
 }
 
@@ -81,7 +83,13 @@ pub struct Model {
 impl Model {
     pub fn is_deepgrow_2d(&self) -> bool {
         self.info.model_type.eq_ignore_ascii_case("deepgrow")
-            && !self.info.deepgrow.as_deref().unwrap_or("2D").to_ascii_lowercase().contains("3d")
+            && !self
+                .info
+                .deepgrow
+                .as_deref()
+                .unwrap_or("2D")
+                .to_ascii_lowercase()
+                .contains("3d")
     }
 }
 
@@ -107,10 +115,16 @@ impl Registry {
         folders.sort();
         let mut models = Vec::new();
         for folder in folders {
-            let Some(config) = read_model_config(&folder)? else { continue };
+            let Some(config) = read_model_config(&folder)? else {
+                continue;
+            };
             let engine = load_engine(&folder.join("model.onnx"), config.pipeline.model_size)?;
             tracing::info!(model = %config.info.name, folder = %folder.display(), "model loaded");
-            models.push(Arc::new(Model { info: config.info, pipeline: config.pipeline, engine }));
+            models.push(Arc::new(Model {
+                info: config.info,
+                pipeline: config.pipeline,
+                engine,
+            }));
         }
         if models.is_empty() {
             return Err(RegistryError::Empty(dir.to_owned()));
@@ -135,22 +149,32 @@ pub fn read_model_config(folder: &Path) -> Result<Option<ModelConfig>, RegistryE
         return Ok(None);
     }
     let config = if let Ok(text) = std::fs::read_to_string(folder.join("config.json")) {
-        serde_json::from_str::<ModelConfig>(&text).map_err(|e| error(format!("config.json: {e}")))?
+        serde_json::from_str::<ModelConfig>(&text)
+            .map_err(|e| error(format!("config.json: {e}")))?
     } else if let Ok(text) = std::fs::read_to_string(folder.join("config_aiaa.json")) {
-        let fallback_name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let json: Value = serde_json::from_str(&text).map_err(|e| error(format!("config_aiaa.json: {e}")))?;
+        let fallback_name = folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| error(format!("config_aiaa.json: {e}")))?;
         clara_config(&json, &fallback_name).map_err(|e| error(format!("config_aiaa.json: {e}")))?
     } else {
         return Ok(None);
     };
-    config.pipeline.validate().map_err(|e| error(format!("pipeline: {e}")))?;
+    config
+        .pipeline
+        .validate()
+        .map_err(|e| error(format!("pipeline: {e}")))?;
     Ok(Some(config))
 }
 
 /// Reads NVIDIA Clara's deepgrow 2D `config_aiaa.json`: model info from its top level, pipeline parameters
 /// from the arguments of its pre-transforms (names matched on their last dotted component).
 pub fn clara_config(json: &Value, fallback_name: &str) -> Result<ModelConfig, String> {
-    let transforms = json["pre_transforms"].as_array().ok_or("it has no pre_transforms list")?;
+    let transforms = json["pre_transforms"]
+        .as_array()
+        .ok_or("it has no pre_transforms list")?;
     let args_of = |name: &str| -> Option<&Value> {
         transforms
             .iter()
@@ -160,7 +184,11 @@ pub fn clara_config(json: &Value, fallback_name: &str) -> Result<ModelConfig, St
     let size_2d = |value: &Value, what: &str| -> Result<[usize; 2], String> {
         let list: Vec<usize> = value
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|v| v as usize))
+                    .collect()
+            })
             .unwrap_or_default();
         match list.as_slice() {
             [h, w] | [h, w, _] => Ok([*h, *w]),
@@ -168,12 +196,18 @@ pub fn clara_config(json: &Value, fallback_name: &str) -> Result<ModelConfig, St
         }
     };
     let number = |value: &Value, what: &str| -> Result<f64, String> {
-        value.as_f64().ok_or_else(|| format!("{what} must be a number"))
+        value
+            .as_f64()
+            .ok_or_else(|| format!("{what} must be a number"))
     };
 
     let crop = args_of("SpatialCropGuidanced").ok_or("no SpatialCropGuidanced transform")?;
     let crop_size = size_2d(&crop["spatial_size"], "SpatialCropGuidanced.spatial_size")?;
-    let margin = crop.get("margin").map(|m| number(m, "margin")).transpose()?.unwrap_or(20.0) as usize;
+    let margin = crop
+        .get("margin")
+        .map(|m| number(m, "margin"))
+        .transpose()?
+        .unwrap_or(20.0) as usize;
     let resize = args_of("Resized").ok_or("no Resized transform")?;
     let model_size = size_2d(&resize["spatial_size"], "Resized.spatial_size")?;
     let normalize = args_of("NormalizeIntensityd").ok_or("no NormalizeIntensityd transform")?;
@@ -186,8 +220,10 @@ pub fn clara_config(json: &Value, fallback_name: &str) -> Result<ModelConfig, St
         .unwrap_or(2.0) as f32;
     let target_spacing = match args_of("Spacingd").map(|a| &a["pixdim"]) {
         Some(pixdim) => {
-            let values: Vec<f64> =
-                pixdim.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
+            let values: Vec<f64> = pixdim
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
             match values.as_slice() {
                 [a, b, ..] => [*a, *b],
                 _ => return Err("Spacingd.pixdim must list two spacings".into()),
@@ -196,14 +232,23 @@ pub fn clara_config(json: &Value, fallback_name: &str) -> Result<ModelConfig, St
         None => [1.0, 1.0],
     };
 
-    let deepgrow = json["inference"]["meta_data"]["deepgrow"].as_str().map(str::to_owned);
+    let deepgrow = json["inference"]["meta_data"]["deepgrow"]
+        .as_str()
+        .map(str::to_owned);
     let info = ModelInfo {
         name: json["name"].as_str().unwrap_or(fallback_name).to_owned(),
         labels: json["labels"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default(),
-        description: json["description"].as_str().unwrap_or("Deepgrow 2D model (Clara MMAR)").to_owned(),
+        description: json["description"]
+            .as_str()
+            .unwrap_or("Deepgrow 2D model (Clara MMAR)")
+            .to_owned(),
         version: match &json["version"] {
             Value::String(s) => s.clone(),
             Value::Number(n) => n.to_string(),
@@ -233,7 +278,8 @@ mod tests {
 
     #[test]
     fn reads_nvidia_clara_config_aiaa() {
-        let json: Value = serde_json::from_str(include_str!("../tests/fixtures/clara/config_aiaa.json")).unwrap();
+        let json: Value =
+            serde_json::from_str(include_str!("../tests/fixtures/clara/config_aiaa.json")).unwrap();
         let config = clara_config(&json, "clara_pt_deepgrow_2d_annotation").unwrap();
         assert_eq!(config.info.model_type, "deepgrow");
         assert_eq!(config.info.deepgrow.as_deref(), Some("2D"));

@@ -38,7 +38,11 @@ pub enum NiftiError {
     #[error("the NIfTI datatype {0} is not supported")]
     UnsupportedDatatype(String),
     #[error("the file is truncated: the header promises {expected} bytes of voxel data after offset {offset}, but only {available} are present")]
-    Truncated { expected: u64, offset: u64, available: u64 },
+    Truncated {
+        expected: u64,
+        offset: u64,
+        available: u64,
+    },
 }
 
 /// Voxel values in the datatype they were stored with (native byte order).
@@ -173,7 +177,10 @@ impl Volume {
     /// The result is a transposed view of i-fastest memory (strides (1, H)); the pipeline accepts any strides.
     pub fn slice_f32(&self, k: usize) -> Array2<f32> {
         let [h, w, d] = self.geometry.shape;
-        assert!(k < d, "slice index is validated before it reaches the volume");
+        assert!(
+            k < d,
+            "slice index is validated before it reaches the volume"
+        );
         let plane = h * w;
         let scaling = self.scaling;
         let values: Vec<f32> = with_voxels!(&self.data, values => values[k * plane..(k + 1) * plane]
@@ -206,7 +213,9 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<Volume, NiftiError> 
         decode_raw(&raw, true)
     } else {
         if bytes.len() as u64 > limits.max_decompressed_bytes {
-            return Err(NiftiError::TooLarge { limit: limits.max_decompressed_bytes });
+            return Err(NiftiError::TooLarge {
+                limit: limits.max_decompressed_bytes,
+            });
         }
         decode_raw(bytes, false)
     }
@@ -244,14 +253,22 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
         540 => return Err(NiftiError::Nifti2),
         v if v.swap_bytes() == 348 => {}
         v if v.swap_bytes() == 540 => return Err(NiftiError::Nifti2),
-        _ => return Err(NiftiError::NotNifti("the header size field is not 348".into())),
+        _ => {
+            return Err(NiftiError::NotNifti(
+                "the header size field is not 348".into(),
+            ))
+        }
     }
     let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
         .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
     match &header.magic {
         b"n+1\0" => {}
         b"ni1\0" => return Err(NiftiError::HeaderOnly),
-        _ => return Err(NiftiError::NotNifti("the magic string is not \"n+1\"".into())),
+        _ => {
+            return Err(NiftiError::NotNifti(
+                "the magic string is not \"n+1\"".into(),
+            ))
+        }
     }
 
     let shape = scalar_3d_shape(&header)?;
@@ -268,7 +285,11 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
         .ok_or_else(|| NiftiError::BadHeader("the dimensions overflow".into()))?;
     let available = (bytes.len() as u64).saturating_sub(offset as u64);
     if expected > available {
-        return Err(NiftiError::Truncated { expected, offset: offset as u64, available });
+        return Err(NiftiError::Truncated {
+            expected,
+            offset: offset as u64,
+            available,
+        });
     }
     let raw = &bytes[offset..offset + expected as usize];
     let big_endian = header.endianness == Endianness::Big;
@@ -276,10 +297,18 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
 
     let scaling = read_scaling(&header)?;
     let affine = best_affine(&header)?;
-    let raw_header: Box<[u8; HEADER_SIZE]> =
-        Box::new(bytes[..HEADER_SIZE].try_into().expect("length checked above"));
+    let raw_header: Box<[u8; HEADER_SIZE]> = Box::new(
+        bytes[..HEADER_SIZE]
+            .try_into()
+            .expect("length checked above"),
+    );
     Ok(Volume {
-        geometry: Geometry { shape, affine, raw_header, endianness: header.endianness },
+        geometry: Geometry {
+            shape,
+            affine,
+            raw_header,
+            endianness: header.endianness,
+        },
         data,
         scaling,
         was_compressed,
@@ -290,7 +319,9 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
 fn scalar_3d_shape(header: &NiftiHeader) -> Result<[usize; 3], NiftiError> {
     let ndim = header.dim[0] as usize;
     if !(1..=7).contains(&ndim) {
-        return Err(NiftiError::BadHeader(format!("dim[0] = {ndim} must be between 1 and 7")));
+        return Err(NiftiError::BadHeader(format!(
+            "dim[0] = {ndim} must be between 1 and 7"
+        )));
     }
     let dims = &header.dim[1..=ndim];
     if let Some(zero) = dims.iter().position(|&d| d == 0 || d > i16::MAX as u16) {
@@ -320,10 +351,14 @@ fn bytes_per_voxel(datatype: i16) -> Result<usize, NiftiError> {
         8 | 16 | 768 => 4,
         64 | 1024 | 1280 => 8,
         128 | 2304 => {
-            return Err(NiftiError::NotScalar3d("it holds RGB colour voxels, not intensities".into()))
+            return Err(NiftiError::NotScalar3d(
+                "it holds RGB colour voxels, not intensities".into(),
+            ))
         }
         32 | 1792 | 2048 => {
-            return Err(NiftiError::NotScalar3d("it holds complex-valued voxels".into()))
+            return Err(NiftiError::NotScalar3d(
+                "it holds complex-valued voxels".into(),
+            ))
         }
         1 => return Err(NiftiError::UnsupportedDatatype("1 (binary)".into())),
         1536 => return Err(NiftiError::UnsupportedDatatype("1536 (float128)".into())),
@@ -333,10 +368,16 @@ fn bytes_per_voxel(datatype: i16) -> Result<usize, NiftiError> {
 
 fn data_offset(vox_offset: f32) -> Result<usize, NiftiError> {
     if !vox_offset.is_finite() || vox_offset < 0.0 || vox_offset.fract() != 0.0 {
-        return Err(NiftiError::BadHeader(format!("vox_offset {vox_offset} is not a byte offset")));
+        return Err(NiftiError::BadHeader(format!(
+            "vox_offset {vox_offset} is not a byte offset"
+        )));
     }
     // nibabel reads vox_offset 0 in a single file as "data right after the header".
-    let offset = if vox_offset == 0.0 { MIN_SINGLE_FILE_OFFSET } else { vox_offset as usize };
+    let offset = if vox_offset == 0.0 {
+        MIN_SINGLE_FILE_OFFSET
+    } else {
+        vox_offset as usize
+    };
     if offset < MIN_SINGLE_FILE_OFFSET {
         return Err(NiftiError::BadHeader(format!(
             "vox_offset {offset} points inside the header (it must be at least {MIN_SINGLE_FILE_OFFSET})"
@@ -382,7 +423,9 @@ fn read_scaling(header: &NiftiHeader) -> Result<Option<Scaling>, NiftiError> {
         return Ok(None);
     }
     if !inter.is_finite() {
-        return Err(NiftiError::BadHeader(format!("scl_inter {inter} is not finite")));
+        return Err(NiftiError::BadHeader(format!(
+            "scl_inter {inter} is not finite"
+        )));
     }
     if slope == 1.0 && inter == 0.0 {
         return Ok(None);
@@ -420,14 +463,20 @@ fn best_affine(h: &NiftiHeader) -> Result<[[f64; 4]; 4], NiftiError> {
     } else {
         // nibabel's base affine: x flipped, origin at the volume centre.
         let shape = [h.dim[1], h.dim[2], h.dim[3]];
-        let zooms = [-(h.pixdim[1] as f64), h.pixdim[2] as f64, h.pixdim[3] as f64];
+        let zooms = [
+            -(h.pixdim[1] as f64),
+            h.pixdim[2] as f64,
+            h.pixdim[3] as f64,
+        ];
         for axis in 0..3 {
             affine[axis][axis] = zooms[axis];
             affine[axis][3] = -((shape[axis] as f64 - 1.0) / 2.0) * zooms[axis];
         }
     }
     if affine.iter().flatten().any(|v| !v.is_finite()) {
-        return Err(NiftiError::BadHeader("the affine contains NaN or infinity".into()));
+        return Err(NiftiError::BadHeader(
+            "the affine contains NaN or infinity".into(),
+        ));
     }
     Ok(affine)
 }
@@ -438,7 +487,9 @@ fn quaternion_rotation(b: f32, c: f32, d: f32) -> Result<[[f32; 3]; 3], NiftiErr
     let w2 = 1.0 - (b * b + c * c + d * d);
     let a = if w2 < 0.0 {
         if w2 < threshold {
-            return Err(NiftiError::BadHeader("the qform quaternion has a norm above 1".into()));
+            return Err(NiftiError::BadHeader(
+                "the qform quaternion has a norm above 1".into(),
+            ));
         }
         0.0
     } else {
@@ -503,8 +554,11 @@ fn mask_voxels(
             match dtype {
                 MaskDtype::U8 => plane[at] = value,
                 MaskDtype::U16 => {
-                    let bytes =
-                        if big_endian { (value as u16).to_be_bytes() } else { (value as u16).to_le_bytes() };
+                    let bytes = if big_endian {
+                        (value as u16).to_be_bytes()
+                    } else {
+                        (value as u16).to_le_bytes()
+                    };
                     plane[at..at + 2].copy_from_slice(&bytes);
                 }
             }
@@ -525,11 +579,19 @@ pub fn encode_mask_nifti(
     let mut header = *geometry.raw_header;
     let (datatype, bitpix) = dtype.nifti_code();
     let put_i16 = |header: &mut [u8; HEADER_SIZE], at: usize, v: i16| {
-        let bytes = if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+        let bytes = if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        };
         header[at..at + 2].copy_from_slice(&bytes);
     };
     let put_f32 = |header: &mut [u8; HEADER_SIZE], at: usize, v: f32| {
-        let bytes = if big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
+        let bytes = if big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        };
         header[at..at + 4].copy_from_slice(&bytes);
     };
     put_i16(&mut header, 68, 0); // intent_code: a plain label image
@@ -594,7 +656,10 @@ pub fn encode_mask_nrrd(
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     // Masks are almost all zeros: the fastest level already compresses them well.
-    let mut encoder = GzEncoder::new(Vec::with_capacity(bytes.len() / 64 + 1024), Compression::fast());
+    let mut encoder = GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 64 + 1024),
+        Compression::fast(),
+    );
     std::io::Write::write_all(&mut encoder, bytes).expect("writing to a Vec cannot fail");
     encoder.finish().expect("writing to a Vec cannot fail")
 }
@@ -604,13 +669,46 @@ mod tests {
     use super::*;
 
     /// A minimal little- or big-endian NIfTI-1 file, built byte by byte (independent of the decoder).
-    pub(crate) fn synthetic_nifti(shape: [u16; 3], datatype: i16, bitpix: i16, data: &[u8], big: bool) -> Vec<u8> {
+    pub(crate) fn synthetic_nifti(
+        shape: [u16; 3],
+        datatype: i16,
+        bitpix: i16,
+        data: &[u8],
+        big: bool,
+    ) -> Vec<u8> {
         let mut h = vec![0u8; 352];
-        let i32b = |v: i32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
-        let i16b = |v: i16| if big { v.to_be_bytes() } else { v.to_le_bytes() };
-        let f32b = |v: f32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let i32b = |v: i32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let i16b = |v: i16| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        let f32b = |v: f32| {
+            if big {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
         h[0..4].copy_from_slice(&i32b(348));
-        let dims = [3i16, shape[0] as i16, shape[1] as i16, shape[2] as i16, 1, 1, 1, 1];
+        let dims = [
+            3i16,
+            shape[0] as i16,
+            shape[1] as i16,
+            shape[2] as i16,
+            1,
+            1,
+            1,
+            1,
+        ];
         for (n, d) in dims.iter().enumerate() {
             h[40 + 2 * n..42 + 2 * n].copy_from_slice(&i16b(*d));
         }
@@ -622,7 +720,11 @@ mod tests {
         h[108..112].copy_from_slice(&f32b(352.0));
         h[112..116].copy_from_slice(&f32b(0.0));
         h[254..256].copy_from_slice(&i16b(2)); // sform_code
-        let srows = [[-0.8f32, 0.0, 0.0, 10.0], [0.0, 0.8, 0.0, -20.0], [0.0, 0.0, 2.5, 30.0]];
+        let srows = [
+            [-0.8f32, 0.0, 0.0, 10.0],
+            [0.0, 0.8, 0.0, -20.0],
+            [0.0, 0.0, 2.5, 30.0],
+        ];
         for (r, row) in srows.iter().enumerate() {
             for (c, v) in row.iter().enumerate() {
                 h[280 + 16 * r + 4 * c..284 + 16 * r + 4 * c].copy_from_slice(&f32b(*v));
@@ -634,7 +736,9 @@ mod tests {
     }
 
     fn limits() -> DecodeLimits {
-        DecodeLimits { max_decompressed_bytes: 1 << 30 }
+        DecodeLimits {
+            max_decompressed_bytes: 1 << 30,
+        }
     }
 
     #[test]
@@ -659,7 +763,11 @@ mod tests {
     fn rejects_truncated_data_with_sizes() {
         let file = synthetic_nifti([4, 3, 2], 4, 16, &[0u8; 10], false);
         match decode(&file, limits()) {
-            Err(NiftiError::Truncated { expected: 48, available: 10, .. }) => {}
+            Err(NiftiError::Truncated {
+                expected: 48,
+                available: 10,
+                ..
+            }) => {}
             other => panic!("expected Truncated, got {other:?}"),
         }
     }
@@ -671,18 +779,29 @@ mod tests {
         let volume = decode(&gz, limits()).unwrap();
         assert!(volume.was_compressed);
         assert_eq!(volume.data, VoxelData::U8(vec![7; 24]));
-        let tiny = DecodeLimits { max_decompressed_bytes: 100 };
-        assert!(matches!(decode(&gz, tiny), Err(NiftiError::TooLarge { limit: 100 })));
+        let tiny = DecodeLimits {
+            max_decompressed_bytes: 100,
+        };
+        assert!(matches!(
+            decode(&gz, tiny),
+            Err(NiftiError::TooLarge { limit: 100 })
+        ));
     }
 
     #[test]
     fn rejects_rgb_and_4d_series() {
         let rgb = synthetic_nifti([2, 2, 2], 128, 24, &[0u8; 24], false);
-        assert!(matches!(decode(&rgb, limits()), Err(NiftiError::NotScalar3d(_))));
+        assert!(matches!(
+            decode(&rgb, limits()),
+            Err(NiftiError::NotScalar3d(_))
+        ));
         let mut four_d = synthetic_nifti([2, 2, 2], 2, 8, &[0u8; 16], false);
         four_d[40..42].copy_from_slice(&4i16.to_le_bytes());
         four_d[48..50].copy_from_slice(&2i16.to_le_bytes());
-        assert!(matches!(decode(&four_d, limits()), Err(NiftiError::NotScalar3d(_))));
+        assert!(matches!(
+            decode(&four_d, limits()),
+            Err(NiftiError::NotScalar3d(_))
+        ));
     }
 
     #[test]
@@ -695,8 +814,15 @@ mod tests {
         let decoded = decode(&encoded, limits()).unwrap();
         assert_eq!(decoded.geometry.shape, volume.geometry.shape);
         assert_eq!(decoded.geometry.affine, volume.geometry.affine);
-        let VoxelData::U8(values) = decoded.data else { panic!("uint8 expected") };
-        let set: Vec<usize> = values.iter().enumerate().filter(|(_, v)| **v != 0).map(|(n, _)| n).collect();
+        let VoxelData::U8(values) = decoded.data else {
+            panic!("uint8 expected")
+        };
+        let set: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0)
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(set, vec![3 + 2 * 4 + 12]);
         // Everything but the datatype fields equals the input header.
         for (n, (a, b)) in encoded[..348].iter().zip(&file[..348]).enumerate() {

@@ -53,7 +53,11 @@ impl Entry {
     }
 
     fn info(&self, id: &str) -> SessionInfo {
-        let epoch = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let epoch = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
         SessionInfo {
             name: id.to_owned(),
             image: self.image_name.clone(),
@@ -84,8 +88,12 @@ impl Store {
     }
 
     fn drop_expired(&mut self, now: Instant) -> usize {
-        let expired: Vec<String> =
-            self.entries.iter().filter(|(_, e)| e.expired(now)).map(|(id, _)| id.clone()).collect();
+        let expired: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expired(now))
+            .map(|(id, _)| id.clone())
+            .collect();
         for id in &expired {
             self.remove(id);
         }
@@ -93,7 +101,11 @@ impl Store {
     }
 
     fn evict_least_recently_used(&mut self) -> bool {
-        let oldest = self.entries.iter().min_by_key(|(_, e)| e.last_access).map(|(id, _)| id.clone());
+        let oldest = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.last_access)
+            .map(|(id, _)| id.clone());
         match oldest {
             Some(id) => {
                 tracing::info!(session = %id, "session evicted (memory or count bound)");
@@ -107,7 +119,9 @@ impl Store {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("the volume needs {needed} bytes, more than the session memory budget of {budget} bytes")]
+    #[error(
+        "the volume needs {needed} bytes, more than the session memory budget of {budget} bytes"
+    )]
     TooLarge { needed: usize, budget: usize },
 }
 
@@ -118,7 +132,10 @@ pub struct SessionStore {
 
 impl SessionStore {
     pub fn new(limits: SessionLimits) -> Self {
-        SessionStore { limits, store: Mutex::new(Store::default()) }
+        SessionStore {
+            limits,
+            store: Mutex::new(Store::default()),
+        }
     }
 
     /// The expiry a request gets: 0 or absent means the default; anything else is capped at the maximum.
@@ -137,7 +154,10 @@ impl SessionStore {
     ) -> Result<(String, SessionInfo), SessionError> {
         let needed = volume.byte_size();
         if needed > self.limits.memory_budget {
-            return Err(SessionError::TooLarge { needed, budget: self.limits.memory_budget });
+            return Err(SessionError::TooLarge {
+                needed,
+                budget: self.limits.memory_budget,
+            });
         }
         let id = uuid::Uuid::new_v4().to_string();
         let now = Instant::now();
@@ -222,7 +242,15 @@ mod tests {
         file[108..112].copy_from_slice(&352f32.to_le_bytes());
         file[344..348].copy_from_slice(b"n+1\0");
         file.resize(352 + voxels, 1);
-        Arc::new(decode(&file, DecodeLimits { max_decompressed_bytes: 1 << 20 }).unwrap())
+        Arc::new(
+            decode(
+                &file,
+                DecodeLimits {
+                    max_decompressed_bytes: 1 << 20,
+                },
+            )
+            .unwrap(),
+        )
     }
 
     fn store(budget: usize, max_sessions: usize) -> SessionStore {
@@ -263,7 +291,10 @@ mod tests {
         let (b, _) = s.create(volume(10), "b".into(), None).unwrap();
         assert!(s.volume(&a).is_none() && s.volume(&b).is_some());
         let tiny = store(100, 10);
-        assert!(matches!(tiny.create(volume(1000), "x".into(), None), Err(SessionError::TooLarge { .. })));
+        assert!(matches!(
+            tiny.create(volume(1000), "x".into(), None),
+            Err(SessionError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -273,7 +304,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(600));
         assert!(s.volume(&a).is_some(), "use refreshes the expiry");
         std::thread::sleep(Duration::from_millis(600));
-        assert!(s.volume(&a).is_some(), "still alive 1.2 s after creation thanks to the refresh");
+        assert!(
+            s.volume(&a).is_some(),
+            "still alive 1.2 s after creation thanks to the refresh"
+        );
         std::thread::sleep(Duration::from_millis(1100));
         assert!(s.volume(&a).is_none());
         assert_eq!(s.usage(), (0, 0));

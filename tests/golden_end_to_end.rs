@@ -28,12 +28,17 @@ fn golden_cases() -> Vec<PathBuf> {
 
 fn gunzip(path: &Path) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap()).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
 fn f32s(path: &Path) -> Vec<f32> {
-    gunzip(path).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    gunzip(path)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn shape(case: &Value, file: &str) -> Vec<usize> {
@@ -54,7 +59,10 @@ impl Engine for ReplayEngine {
 
     fn infer(&self, input: Array4<f32>) -> Result<Array2<f32>, EngineError> {
         let same = input.shape() == self.expected_input.shape()
-            && input.iter().zip(self.expected_input.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            && input
+                .iter()
+                .zip(self.expected_input.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
         self.input_matched.store(same, Ordering::SeqCst);
         Ok(self.logits.clone())
     }
@@ -65,9 +73,15 @@ impl Engine for ReplayEngine {
 fn assert_same_affine(got: &[[f64; 4]; 4], want: &[[f64; 4]; 4], name: &str) {
     for row in 0..4 {
         for col in 0..3 {
-            assert_eq!(got[row][col], want[row][col], "{name}: affine[{row}][{col}]");
+            assert_eq!(
+                got[row][col], want[row][col],
+                "{name}: affine[{row}][{col}]"
+            );
         }
-        assert!((got[row][3] - want[row][3]).abs() < 1e-9, "{name}: affine[{row}][3]");
+        assert!(
+            (got[row][3] - want[row][3]).abs() < 1e-9,
+            "{name}: affine[{row}][3]"
+        );
     }
 }
 
@@ -81,12 +95,20 @@ fn golden_cases_end_to_end_through_annotate() {
     assert!(cases.len() >= 10, "golden cases missing");
     for dir in cases {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let case: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let case: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let bytes = std::fs::read(dir.join("input.nii.gz")).unwrap();
-        let volume = decode(&bytes, DecodeLimits { max_decompressed_bytes: 1 << 30 }).unwrap();
+        let volume = decode(
+            &bytes,
+            DecodeLimits {
+                max_decompressed_bytes: 1 << 30,
+            },
+        )
+        .unwrap();
 
         // Decoder parity with nibabel: shape, affine and the chosen slice's float32 values, exactly.
-        let want_shape: [usize; 3] = serde_json::from_value(case["volume"]["shape"].clone()).unwrap();
+        let want_shape: [usize; 3] =
+            serde_json::from_value(case["volume"]["shape"].clone()).unwrap();
         assert_eq!(volume.geometry.shape, want_shape, "{name}: shape");
         let want_affine: [[f64; 4]; 4] = serde_json::from_value(case["affine"].clone()).unwrap();
         assert_same_affine(&volume.geometry.affine, &want_affine, &name);
@@ -100,14 +122,26 @@ fn golden_cases_end_to_end_through_annotate() {
         // annotate(): MONAI's network input in, MONAI's logits out, MONAI's mask written on slice k.
         let input_shape = shape(&case, "network_input.f32.gz");
         let expected_input = Array4::from_shape_vec(
-            (input_shape[0], input_shape[1], input_shape[2], input_shape[3]),
+            (
+                input_shape[0],
+                input_shape[1],
+                input_shape[2],
+                input_shape[3],
+            ),
             f32s(&dir.join("network_input.f32.gz")),
         )
         .unwrap();
         let logit_shape = shape(&case, "logits.f32.gz");
-        let logits =
-            Array2::from_shape_vec((logit_shape[0], logit_shape[1]), f32s(&dir.join("logits.f32.gz"))).unwrap();
-        let engine = Arc::new(ReplayEngine { expected_input, logits, input_matched: AtomicBool::new(false) });
+        let logits = Array2::from_shape_vec(
+            (logit_shape[0], logit_shape[1]),
+            f32s(&dir.join("logits.f32.gz")),
+        )
+        .unwrap();
+        let engine = Arc::new(ReplayEngine {
+            expected_input,
+            logits,
+            input_matched: AtomicBool::new(false),
+        });
         let pipeline: PipelineConfig = serde_json::from_value(case["config"].clone()).unwrap();
         let model = Model {
             info: ModelInfo {
@@ -126,22 +160,38 @@ fn golden_cases_end_to_end_through_annotate() {
             background: points(&case["clicks"]["background"]),
             slice: case["clicks"]["slice"].as_i64(),
         };
-        let output = OutputOptions { format: Some(MaskFormat::Nifti), dtype: MaskDtype::U8 };
+        let output = OutputOptions {
+            format: Some(MaskFormat::Nifti),
+            dtype: MaskDtype::U8,
+        };
         let annotation = annotate(
             &model,
             ImageSource::Session(Arc::new(volume)),
             &clicks,
             output,
-            DecodeLimits { max_decompressed_bytes: 1 << 30 },
+            DecodeLimits {
+                max_decompressed_bytes: 1 << 30,
+            },
         )
         .unwrap();
-        assert!(engine.input_matched.load(Ordering::SeqCst), "{name}: network input differs from MONAI's");
+        assert!(
+            engine.input_matched.load(Ordering::SeqCst),
+            "{name}: network input differs from MONAI's"
+        );
         assert_eq!(annotation.params.slice, k, "{name}: slice");
 
-        let mask = decode(&annotation.file, DecodeLimits { max_decompressed_bytes: 1 << 30 }).unwrap();
+        let mask = decode(
+            &annotation.file,
+            DecodeLimits {
+                max_decompressed_bytes: 1 << 30,
+            },
+        )
+        .unwrap();
         assert_eq!(mask.geometry.shape, want_shape, "{name}: mask shape");
         assert_same_affine(&mask.geometry.affine, &want_affine, &name);
-        let VoxelData::U8(values) = mask.data else { panic!("{name}: mask must be uint8") };
+        let VoxelData::U8(values) = mask.data else {
+            panic!("{name}: mask must be uint8")
+        };
         let [h, w, d] = want_shape;
         let want_mask = gunzip(&dir.join("mask.u8.gz")); // (H, W) row-major [i][j]
         for kk in 0..d {

@@ -11,8 +11,10 @@ fn bundled_model_matches_onnxruntime() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fixture = root.join("tests/fixtures/model_reference");
     let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture.join("summary.json")).unwrap()).unwrap();
-    let engine = TractEngine::load(&root.join("models/deepgrow_2d/model.onnx"), [512, 512], 2).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("summary.json")).unwrap())
+            .unwrap();
+    let engine =
+        TractEngine::load(&root.join("models/deepgrow_2d/model.onnx"), [512, 512], 2).unwrap();
 
     let input = Array4::from_shape_fn((1, 3, 512, 512), |(_, c, h, w)| {
         ((h * 7 + w * 13 + c * 101) % 256) as f32 / 128.0 - 1.0
@@ -32,11 +34,17 @@ fn bundled_model_matches_onnxruntime() {
         max_diff = max_diff.max((got - want).abs());
     }
     // onnxruntime itself differs from torch by 5.3e-5 on this input (fixture README); 2e-4 leaves room for tract.
-    assert!(max_diff < 2e-4, "tract vs onnxruntime max abs diff {max_diff}");
+    assert!(
+        max_diff < 2e-4,
+        "tract vs onnxruntime max abs diff {max_diff}"
+    );
 
     let n = logits.len() as f64;
     let mean = logits.iter().map(|&v| v as f64).sum::<f64>() / n;
-    assert!((mean - summary["mean"].as_f64().unwrap()).abs() < 1e-4, "mean {mean}");
+    assert!(
+        (mean - summary["mean"].as_f64().unwrap()).abs() < 1e-4,
+        "mean {mean}"
+    );
     let min = logits.iter().copied().fold(f32::INFINITY, f32::min);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     assert!((min as f64 - summary["min"].as_f64().unwrap()).abs() < 2e-4);

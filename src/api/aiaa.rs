@@ -21,7 +21,10 @@ pub struct ModelsQuery {
 }
 
 /// `GET /v1/models`: all models (filtered by `label` / `type`), or one object for `?model=`.
-pub async fn list_models(State(state): State<SharedState>, Query(query): Query<ModelsQuery>) -> Response {
+pub async fn list_models(
+    State(state): State<SharedState>,
+    Query(query): Query<ModelsQuery>,
+) -> Response {
     if let Some(name) = query.model.as_deref().filter(|n| !n.is_empty()) {
         return match state.registry.get(name) {
             Some(model) => Json(&model.info).into_response(),
@@ -34,7 +37,10 @@ pub async fn list_models(State(state): State<SharedState>, Query(query): Query<M
         .iter()
         .map(|m| &m.info)
         .filter(|info| {
-            query.model_type.as_deref().is_none_or(|t| t.is_empty() || info.model_type.eq_ignore_ascii_case(t))
+            query
+                .model_type
+                .as_deref()
+                .is_none_or(|t| t.is_empty() || info.model_type.eq_ignore_ascii_case(t))
         })
         .filter(|info| {
             query.label.as_deref().is_none_or(|label| {
@@ -63,7 +69,9 @@ fn reply_kind(output: Option<&str>) -> Result<ReplyKind, ApiError> {
         None | Some("") | Some("all") => Ok(ReplyKind::Multipart),
         Some("image") => Ok(ReplyKind::Image),
         Some("json") => Ok(ReplyKind::Json),
-        Some(other) => Err(ApiError::BadRequest(format!("output '{other}' is not supported (use image or json)"))),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "output '{other}' is not supported (use image or json)"
+        ))),
     }
 }
 
@@ -81,7 +89,8 @@ pub async fn deepgrow(
         )));
     }
     let kind = reply_kind(query.output.as_deref())?;
-    let multipart = multipart.map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body: {e}")))?;
+    let multipart = multipart
+        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body: {e}")))?;
     let upload = read_upload(multipart).await?;
     let params = DeepgrowParams::parse(upload.params.as_deref())?;
     let source = match (query.session_id.as_deref().filter(|id| !id.is_empty()), upload.file) {
@@ -110,7 +119,9 @@ pub async fn deepgrow(
     let params_json = serde_json::to_string(&annotation.params)
         .map_err(|e| ApiError::Internal(format!("serialising reply params: {e}")))?;
     Ok(match kind {
-        ReplyKind::Multipart => multipart_reply(&params_json, annotation.file_name, &annotation.file),
+        ReplyKind::Multipart => {
+            multipart_reply(&params_json, annotation.file_name, &annotation.file)
+        }
         ReplyKind::Image => file_reply(annotation.file_name, annotation.file),
         ReplyKind::Json => Json(annotation.params).into_response(),
     })

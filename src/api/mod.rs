@@ -40,7 +40,11 @@ impl Limiter {
     }
 
     async fn acquire(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
-        let admitted = self.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
+        let admitted = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)?;
         let worker = self
             .workers
             .clone()
@@ -79,16 +83,20 @@ impl AppState {
         .await;
         match result {
             Ok(result) => result,
-            Err(join_error) => Err(ApiError::Internal(format!("worker task failed: {join_error}"))),
+            Err(join_error) => Err(ApiError::Internal(format!(
+                "worker task failed: {join_error}"
+            ))),
         }
     }
 
     /// The model a request names; when it names none and exactly one model is served, that one.
     pub fn model(&self, name: Option<&str>) -> Result<Arc<Model>, ApiError> {
         match name.filter(|n| !n.is_empty()) {
-            Some(name) => {
-                self.registry.get(name).cloned().ok_or_else(|| ApiError::UnknownModel(name.to_owned()))
-            }
+            Some(name) => self
+                .registry
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ApiError::UnknownModel(name.to_owned())),
             None => match self.registry.models() {
                 [only] => Ok(only.clone()),
                 _ => Err(ApiError::BadRequest(
@@ -102,14 +110,22 @@ impl AppState {
 /// CORS for browser viewers: `*` allows any origin, otherwise the listed origins.
 fn cors(origins: &[String]) -> CorsLayer {
     let layer = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers(Any)
         .expose_headers(Any);
     if origins.is_empty() || origins.iter().any(|o| o.trim() == "*") {
         layer.allow_origin(Any)
     } else {
-        let list: Vec<HeaderValue> =
-            origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()).collect();
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o.trim()).ok())
+            .collect();
         layer.allow_origin(AllowOrigin::list(list))
     }
 }
@@ -138,7 +154,12 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], error_body(kind, message)).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        error_body(kind, message),
+    )
+        .into_response()
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -148,15 +169,27 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
     tracing::error!(%detail, "request handler panicked");
-    json_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+    json_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        "internal error",
+    )
 }
 
 async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "NotFound", "no such endpoint; see GET / for the API this server speaks")
+    json_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "no such endpoint; see GET / for the API this server speaks",
+    )
 }
 
 async fn method_not_allowed() -> Response {
-    json_error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "this endpoint does not accept that method")
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "this endpoint does not accept that method",
+    )
 }
 
 async fn health(State(state): State<SharedState>) -> Json<serde_json::Value> {
@@ -200,5 +233,7 @@ async fn index(State(state): State<SharedState>) -> Html<String> {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -68,7 +68,10 @@ pub async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
             .and_then(|n| n.rsplit(['/', '\\']).next())
             .unwrap_or(&name)
             .to_owned();
-        upload.file = Some(UploadedFile { name: base_name, bytes });
+        upload.file = Some(UploadedFile {
+            name: base_name,
+            bytes,
+        });
     }
     Ok(upload)
 }
@@ -89,13 +92,25 @@ pub fn multipart_reply(params_json: &str, file_name: &str, file: &[u8]) -> Respo
     );
     body.extend_from_slice(file);
     let _ = write!(body, "\r\n--{boundary}--\r\n");
-    sized_response(format!("multipart/form-data; boundary={boundary}"), body, None)
+    sized_response(
+        format!("multipart/form-data; boundary={boundary}"),
+        body,
+        None,
+    )
 }
 
 /// The bare mask file (`output=image`, what OHIF reads).
 pub fn file_reply(file_name: &str, file: Vec<u8>) -> Response {
-    let content_type = if file_name.ends_with(".gz") { "application/gzip" } else { "application/octet-stream" };
-    sized_response(content_type.to_owned(), file, Some(format!("attachment; filename=\"{file_name}\"")))
+    let content_type = if file_name.ends_with(".gz") {
+        "application/gzip"
+    } else {
+        "application/octet-stream"
+    };
+    sized_response(
+        content_type.to_owned(),
+        file,
+        Some(format!("attachment; filename=\"{file_name}\"")),
+    )
 }
 
 fn sized_response(content_type: String, body: Vec<u8>, disposition: Option<String>) -> Response {
@@ -106,5 +121,7 @@ fn sized_response(content_type: String, body: Vec<u8>, disposition: Option<Strin
     if let Some(disposition) = disposition {
         builder = builder.header(header::CONTENT_DISPOSITION, disposition);
     }
-    builder.body(Body::from(body)).expect("static headers are valid")
+    builder
+        .body(Body::from(body))
+        .expect("static headers are valid")
 }

@@ -42,9 +42,15 @@ fn bad(message: impl Into<String>) -> ApiError {
 
 /// One `[i, j, k]` point: three finite numbers (integers, or floats for i/j as OHIF sends).
 fn point(value: &Value, what: &str) -> Result<[f64; 3], ApiError> {
-    let coords = value.as_array().ok_or_else(|| bad(format!("{what}: a point must be a list [i, j, k], got {value}")))?;
+    let coords = value.as_array().ok_or_else(|| {
+        bad(format!(
+            "{what}: a point must be a list [i, j, k], got {value}"
+        ))
+    })?;
     if coords.len() != 3 {
-        return Err(bad(format!("{what}: a point must have 3 coordinates [i, j, k], got {value}")));
+        return Err(bad(format!(
+            "{what}: a point must have 3 coordinates [i, j, k], got {value}"
+        )));
     }
     let mut out = [0.0; 3];
     for (slot, coord) in out.iter_mut().zip(coords) {
@@ -66,7 +72,9 @@ fn point_list(value: Option<&Value>, what: &str) -> Result<Vec<[f64; 3]>, ApiErr
                 .map_err(|e| bad(format!("{what}: not a list of points: {e}")))?;
             point_list(Some(&parsed), what)
         }
-        Some(other) => Err(bad(format!("{what} must be a list of [i, j, k] points, got {other}"))),
+        Some(other) => Err(bad(format!(
+            "{what} must be a list of [i, j, k] points, got {other}"
+        ))),
     }
 }
 
@@ -100,25 +108,46 @@ fn output_options(raw: &RawParams) -> Result<OutputOptions, ApiError> {
     let compress = match &raw.result_compress {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
-        Some(Value::String(s)) => Some(matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes")),
+        Some(Value::String(s)) => Some(matches!(
+            s.to_ascii_lowercase().as_str(),
+            "true" | "1" | "yes"
+        )),
         Some(other) => Some(other.as_f64().is_some_and(|v| v != 0.0)),
     };
-    let format = match raw.result_extension.as_deref().map(str::to_ascii_lowercase).as_deref() {
+    let format = match raw
+        .result_extension
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("") => None,
         Some(".nii.gz") | Some("nii.gz") => Some(MaskFormat::NiftiGz),
-        Some(".nii") | Some("nii") => Some(if compress == Some(true) { MaskFormat::NiftiGz } else { MaskFormat::Nifti }),
-        Some(".nrrd") | Some("nrrd") => Some(MaskFormat::Nrrd { compress: compress.unwrap_or(false) }),
+        Some(".nii") | Some("nii") => Some(if compress == Some(true) {
+            MaskFormat::NiftiGz
+        } else {
+            MaskFormat::Nifti
+        }),
+        Some(".nrrd") | Some("nrrd") => Some(MaskFormat::Nrrd {
+            compress: compress.unwrap_or(false),
+        }),
         Some(other) => {
             return Err(bad(format!(
                 "result_extension '{other}' is not supported (use .nii.gz, .nii or .nrrd)"
             )))
         }
     };
-    let dtype = match raw.result_dtype.as_deref().map(str::to_ascii_lowercase).as_deref() {
+    let dtype = match raw
+        .result_dtype
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         None | Some("") | Some("uint8") => MaskDtype::U8,
         Some("uint16") => MaskDtype::U16,
         Some(other) => {
-            return Err(bad(format!("result_dtype '{other}' is not supported (use uint8 or uint16)")))
+            return Err(bad(format!(
+                "result_dtype '{other}' is not supported (use uint8 or uint16)"
+            )))
         }
     };
     Ok(OutputOptions { format, dtype })
@@ -127,9 +156,12 @@ fn output_options(raw: &RawParams) -> Result<OutputOptions, ApiError> {
 impl DeepgrowParams {
     /// Parses the multipart `params` field (absent, empty and `null` mean `{}`).
     pub fn parse(text: Option<&str>) -> Result<Self, ApiError> {
-        let text = text.map(str::trim).filter(|t| !t.is_empty()).unwrap_or("{}");
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| bad(format!("params is not valid JSON: {e}")))?;
+        let text = text
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .unwrap_or("{}");
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| bad(format!("params is not valid JSON: {e}")))?;
         let raw: RawParams = match value {
             Value::Null => RawParams::default(),
             Value::Object(_) => {
@@ -143,7 +175,14 @@ impl DeepgrowParams {
             Some(value) => Some(integer(value, "slice")?),
             None => current_point(raw.current_point.as_ref())?.map(|p| p[2].trunc() as i64),
         };
-        Ok(DeepgrowParams { clicks: Clicks { foreground, background, slice }, output: output_options(&raw)? })
+        Ok(DeepgrowParams {
+            clicks: Clicks {
+                foreground,
+                background,
+                slice,
+            },
+            output: output_options(&raw)?,
+        })
     }
 }
 
@@ -159,9 +198,13 @@ mod tests {
         .unwrap();
         assert_eq!(slicer.clicks.foreground, vec![[10.0, 20.0, 5.0]]);
         assert_eq!(slicer.clicks.slice, Some(5));
-        let python = DeepgrowParams::parse(Some(r#"{"foreground":[[10,20,5]],"current_point":[10,20,5]}"#)).unwrap();
+        let python = DeepgrowParams::parse(Some(
+            r#"{"foreground":[[10,20,5]],"current_point":[10,20,5]}"#,
+        ))
+        .unwrap();
         assert_eq!(python.clicks.slice, Some(5));
-        let cpp = DeepgrowParams::parse(Some(r#"{"foreground":[[1,2,3]],"background":[[4,5,3]]}"#)).unwrap();
+        let cpp = DeepgrowParams::parse(Some(r#"{"foreground":[[1,2,3]],"background":[[4,5,3]]}"#))
+            .unwrap();
         assert_eq!(cpp.clicks.slice, None);
         assert_eq!(cpp.clicks.background, vec![[4.0, 5.0, 3.0]]);
         let ohif = DeepgrowParams::parse(Some(
@@ -169,10 +212,20 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(ohif.clicks.foreground, vec![[250.7, 100.2, 3.0]]);
-        assert_eq!(ohif.output.format, Some(MaskFormat::Nrrd { compress: true }));
+        assert_eq!(
+            ohif.output.format,
+            Some(MaskFormat::Nrrd { compress: true })
+        );
         assert_eq!(ohif.output.dtype, MaskDtype::U16);
-        let explicit = DeepgrowParams::parse(Some(r#"{"foreground":[[1,2,3]],"current_point":[[1,2,3]],"slice":7}"#)).unwrap();
-        assert_eq!(explicit.clicks.slice, Some(7), "an explicit slice wins over current_point");
+        let explicit = DeepgrowParams::parse(Some(
+            r#"{"foreground":[[1,2,3]],"current_point":[[1,2,3]],"slice":7}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            explicit.clicks.slice,
+            Some(7),
+            "an explicit slice wins over current_point"
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ fn parse_expiry(value: Option<&str>) -> Result<Option<u64>, ApiError> {
             .ok()
             .filter(|v| v.is_finite() && *v >= 0.0)
             .map(|v| Some(v as u64))
-            .ok_or_else(|| ApiError::BadRequest(format!("expiry must be a number of seconds, got '{text}'"))),
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("expiry must be a number of seconds, got '{text}'"))
+            }),
     }
 }
 
@@ -52,15 +54,19 @@ pub async fn create(
                 .into(),
         ));
     }
-    let multipart = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body with the image: {e}")))?;
+    let multipart = Multipart::from_request(request, &()).await.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected a multipart/form-data body with the image: {e}"
+        ))
+    })?;
     let upload = read_upload(multipart).await?;
-    let file = upload
-        .file
-        .ok_or_else(|| ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into()))?;
+    let file = upload.file.ok_or_else(|| {
+        ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())
+    })?;
     let limits = state.decode_limits;
-    let volume = state.run_cpu(move || decode_upload(&file.bytes, limits).map(|v| (v, file.name))).await?;
+    let volume = state
+        .run_cpu(move || decode_upload(&file.bytes, limits).map(|v| (v, file.name)))
+        .await?;
     let (volume, name) = volume;
     let (id, info) = state
         .sessions
@@ -84,13 +90,29 @@ pub async fn get(
     Path(id): Path<String>,
     Query(query): Query<GetQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let refresh = query.update_ts.as_deref().is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1"));
-    let info = state.sessions.info(&id, refresh).ok_or(ApiError::SessionExpired(id))?;
-    Ok(Json(serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?))
+    let refresh = query
+        .update_ts
+        .as_deref()
+        .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1"));
+    let info = state
+        .sessions
+        .info(&id, refresh)
+        .ok_or(ApiError::SessionExpired(id))?;
+    Ok(Json(
+        serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?,
+    ))
 }
 
-pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let info = state.sessions.remove(&id).ok_or(ApiError::SessionExpired(id.clone()))?;
+pub async fn delete(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let info = state
+        .sessions
+        .remove(&id)
+        .ok_or(ApiError::SessionExpired(id.clone()))?;
     tracing::info!(session = %id, "session closed");
-    Ok(Json(json!({ "session_id": id, "session_info": info, "deleted": true })))
+    Ok(Json(
+        json!({ "session_id": id, "session_info": info, "deleted": true }),
+    ))
 }

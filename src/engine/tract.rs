@@ -32,8 +32,16 @@ impl TractEngine {
             .and_then(|model| model.into_runnable())
             .map_err(load_error)?;
         // A private pool: tract's "multithread(1)" would still use rayon's global pool.
-        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
-        Ok(TractEngine { plan, executor, input_size })
+        let executor = if threads > 1 {
+            Executor::multithread(threads)
+        } else {
+            Executor::SingleThread
+        };
+        Ok(TractEngine {
+            plan,
+            executor,
+            input_size,
+        })
     }
 }
 
@@ -51,14 +59,18 @@ impl Engine for TractEngine {
             )));
         }
         let tensor: Tensor = input.into_dyn().into();
-        let outputs = multithread_tract_scope(self.executor.clone(), || self.plan.run(tvec!(tensor.into())))
-            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        let outputs = multithread_tract_scope(self.executor.clone(), || {
+            self.plan.run(tvec!(tensor.into()))
+        })
+        .map_err(|e| EngineError::Run(format!("{e:#}")))?;
         let logits = outputs[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
         let shape = logits.shape().to_vec();
         if shape.len() != 4 || shape[0] != 1 || shape[1] != 1 {
-            return Err(EngineError::Run(format!("unexpected output shape {shape:?}")));
+            return Err(EngineError::Run(format!(
+                "unexpected output shape {shape:?}"
+            )));
         }
         logits
             .index_axis_move(ndarray::Axis(0), 0)
