@@ -54,7 +54,7 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_SESSION_EXPIRY", default_value_t = 3600)]
     pub session_expiry: u64,
 
-    /// Longest session expiry a client may ask for, in seconds.
+    /// Longest session expiry a client may ask for, in seconds (also caps the default expiry).
     #[arg(long, env = "DEEPGROW_SESSION_MAX_EXPIRY", default_value_t = 86400)]
     pub session_max_expiry: u64,
 

@@ -65,8 +65,11 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
     Arc::new(AppState {
         registry,
         sessions: SessionStore::new(SessionLimits {
-            default_expiry: Duration::from_secs(config.session_expiry),
-            max_expiry: Duration::from_secs(config.session_max_expiry.max(config.session_expiry)),
+            // The operator's cap wins over the default.
+            default_expiry: Duration::from_secs(
+                config.session_expiry.min(config.session_max_expiry),
+            ),
+            max_expiry: Duration::from_secs(config.session_max_expiry),
             memory_budget: config.session_memory_bytes,
             max_sessions: config.max_sessions.max(1),
         }),

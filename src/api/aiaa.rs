@@ -1,12 +1,12 @@
 //! AIAA v1 routes: model list, deepgrow / inference, and segmentation (refused for deepgrow models).
 
-use axum::extract::multipart::{Multipart, MultipartRejection};
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::multipart::{file_reply, multipart_reply, read_upload};
+use super::multipart::{drain, file_reply, multipart_reply, read_upload_request};
 use super::params::DeepgrowParams;
 use super::SharedState;
 use crate::annotate::{annotate, ImageSource};
@@ -79,8 +79,10 @@ fn reply_kind(output: Option<&str>) -> Result<ReplyKind, ApiError> {
 pub async fn deepgrow(
     State(state): State<SharedState>,
     Query(query): Query<InferQuery>,
-    multipart: Result<Multipart, MultipartRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The body is read before anything can be refused (see `drain`).
+    let upload = read_upload_request(request, state.max_upload_bytes).await?;
     let model = state.model(query.model.as_deref())?;
     if !model.is_deepgrow_2d() {
         return Err(ApiError::WrongModelType(format!(
@@ -89,9 +91,6 @@ pub async fn deepgrow(
         )));
     }
     let kind = reply_kind(query.output.as_deref())?;
-    let multipart = multipart
-        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body: {e}")))?;
-    let upload = read_upload(multipart).await?;
     let params = DeepgrowParams::parse(upload.params.as_deref())?;
     let source = match (query.session_id.as_deref().filter(|id| !id.is_empty()), upload.file) {
         (Some(id), _) => ImageSource::Session(
@@ -131,7 +130,9 @@ pub async fn deepgrow(
 pub async fn segmentation(
     State(state): State<SharedState>,
     Query(query): Query<InferQuery>,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    drain(body, state.max_upload_bytes).await;
     let model = state.model(query.model.as_deref())?;
     Err(ApiError::WrongModelType(format!(
         "model '{}' is a {} model: it needs foreground/background clicks; call /v1/deepgrow or /v1/inference instead of /v1/segmentation",

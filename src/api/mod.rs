@@ -176,7 +176,8 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     )
 }
 
-async fn not_found() -> Response {
+async fn not_found(State(state): State<SharedState>, body: axum::body::Body) -> Response {
+    multipart::drain(body, state.max_upload_bytes).await;
     json_error(
         StatusCode::NOT_FOUND,
         "NotFound",

@@ -8,6 +8,7 @@ use std::io::Write;
 
 use axum::body::Body;
 use axum::extract::multipart::{Multipart, MultipartError};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
@@ -44,7 +45,38 @@ fn is_image_field(name: &str) -> bool {
     matches!(name, "datapoint" | "file" | "files") || name.starts_with("image")
 }
 
-pub async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
+/// Reads the body to its end (bounded) and drops it. Python, Slicer and C++ clients write the whole upload
+/// before reading the reply: an error answered before the body is read would reach them as a broken pipe.
+pub async fn drain(body: Body, limit: usize) {
+    let _ = axum::body::to_bytes(body, limit).await;
+}
+
+/// The request's content type, lower-cased ("" when absent).
+pub fn content_type(request: &Request) -> String {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// Reads a multipart request's `params` and image; any other body is drained and refused.
+pub async fn read_upload_request(request: Request, limit: usize) -> Result<Upload, ApiError> {
+    let content_type = content_type(&request);
+    if !content_type.starts_with("multipart/form-data") {
+        drain(request.into_body(), limit).await;
+        return Err(ApiError::BadRequest(format!(
+            "expected a multipart/form-data body with 'params' and the image file, got content type '{content_type}'"
+        )));
+    }
+    let multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body: {e}")))?;
+    read_upload(multipart).await
+}
+
+async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
     let mut upload = Upload::default();
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or_default().to_owned();

@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::multipart::Multipart;
-use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::header;
+use axum::extract::{Path, Query, Request, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::multipart::read_upload;
+use super::multipart::{content_type, drain, read_upload_request};
 use super::SharedState;
 use crate::annotate::decode_upload;
 use crate::error::ApiError;
@@ -40,26 +38,17 @@ pub async fn create(
     Query(query): Query<CreateQuery>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
-    let expiry = parse_expiry(query.expiry.as_deref())?;
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.starts_with("application/json") {
+    if content_type(&request).starts_with("application/json") {
+        drain(request.into_body(), state.max_upload_bytes).await;
         return Err(ApiError::Unsupported(
             "creating a session by fetching from a DICOM server is not supported; upload the volume as a \
              multipart file instead (in OHIF, untick 'Fetch Images From Dicom Server')"
                 .into(),
         ));
     }
-    let multipart = Multipart::from_request(request, &()).await.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected a multipart/form-data body with the image: {e}"
-        ))
-    })?;
-    let upload = read_upload(multipart).await?;
+    // The body is read before anything can be refused (see `drain`).
+    let upload = read_upload_request(request, state.max_upload_bytes).await?;
+    let expiry = parse_expiry(query.expiry.as_deref())?;
     let file = upload.file.ok_or_else(|| {
         ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())
     })?;
