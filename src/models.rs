@@ -292,6 +292,96 @@ mod tests {
         assert_eq!(config.pipeline.target_spacing, [1.0, 1.0]);
     }
 
+    struct NoEngine;
+
+    impl Engine for NoEngine {
+        fn input_size(&self) -> [usize; 2] {
+            [256, 256]
+        }
+
+        fn infer(&self, _: ndarray::Array4<f32>) -> Result<ndarray::Array2<f32>, EngineError> {
+            Err(EngineError::Run("not a real engine".into()))
+        }
+    }
+
+    #[test]
+    fn registry_reads_our_config_and_a_clara_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let ours = root.path().join("a_ours");
+        let clara = root.path().join("b_clara");
+        let empty = root.path().join("c_no_model");
+        for dir in [&ours, &clara, &empty] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        std::fs::write(ours.join("model.onnx"), b"").unwrap();
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/deepgrow_2d/config.json"
+            ),
+            ours.join("config.json"),
+        )
+        .unwrap();
+        std::fs::write(clara.join("model.onnx"), b"").unwrap();
+        std::fs::write(
+            clara.join("config_aiaa.json"),
+            include_str!("../tests/fixtures/clara/config_aiaa.json"),
+        )
+        .unwrap();
+        std::fs::write(empty.join("config.json"), b"{}").unwrap();
+
+        let mut requested = Vec::new();
+        let registry = Registry::load(root.path(), |path, size| {
+            requested.push((path.to_owned(), size));
+            Ok(Arc::new(NoEngine) as Arc<dyn Engine>)
+        })
+        .unwrap();
+        let names: Vec<&str> = registry
+            .models()
+            .iter()
+            .map(|m| m.info.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["deepgrow_2d", "b_clara"],
+            "a folder without model.onnx is skipped"
+        );
+        assert_eq!(
+            requested,
+            [
+                (ours.join("model.onnx"), [512, 512]),
+                (clara.join("model.onnx"), [256, 256])
+            ]
+        );
+        let clara_model = registry.get("b_clara").unwrap();
+        assert!(clara_model.is_deepgrow_2d());
+        assert_eq!(clara_model.pipeline.divisor, 388.0);
+    }
+
+    #[test]
+    fn a_broken_config_names_its_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("broken");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"").unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            br#"{"name": "x", "type": "deepgrow"}"#,
+        )
+        .unwrap();
+        let error = Registry::load(
+            root.path(),
+            |_, _| Ok(Arc::new(NoEngine) as Arc<dyn Engine>),
+        )
+        .err()
+        .expect("a config without pipeline must fail")
+        .to_string();
+        assert!(
+            error.contains("broken") && error.contains("pipeline"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn version_numbers_become_strings() {
         let info: ModelInfo =
