@@ -241,6 +241,13 @@ fn model_filters_and_model_types() {
             .collect()
     };
     assert_eq!(names(""), ["deepgrow_2d", "spleen_seg"]);
+    // C++ users who enter ".../v1" as the server URL send /v1/v1/...: served the same.
+    let doubled = get(addr, "/v1/v1/models");
+    assert_eq!(doubled.ok().json(), get(addr, "/v1/models").ok().json());
+    assert!(
+        doubled.header("x-request-id").is_some(),
+        "every reply carries its request id"
+    );
     assert_eq!(names("?label=spleen"), ["spleen_seg"]);
     assert_eq!(names("?label=Spleen"), ["spleen_seg"]);
     assert!(names("?label=liver").is_empty());
@@ -749,8 +756,7 @@ fn sessions_expire() {
 }
 
 /// Python's http.client, Slicer and Poco write the whole request before reading the reply. A 4xx decided
-/// from the URL alone (unknown model, wrong endpoint, bad `output`, mistyped path such as the `/v1/v1/`
-/// of a C++ user who configured `.../v1` as the server) must still reach them with a realistic CT upload
+/// from the URL alone (unknown model, wrong endpoint, bad `output`, a mistyped path) must still reach them with a realistic CT upload
 /// (16 MB here): the server has to read the body before it answers, or the client only sees a broken pipe.
 #[test]
 fn early_errors_reach_clients_that_upload_the_whole_body_first() {
@@ -790,7 +796,7 @@ fn early_errors_reach_clients_that_upload_the_whole_body_first() {
             "output",
         ),
         ("POST", "/v1/deepgrow?model=spleen_seg", 400, "deepgrow"),
-        ("POST", "/v1/v1/deepgrow?model=deepgrow_2d", 404, "endpoint"),
+        ("POST", "/v2/deepgrow?model=deepgrow_2d", 404, "endpoint"),
         ("PUT", "/session/?expiry=soon", 400, "expiry"),
     ] {
         let parts: &[Part] = if method == "PUT" {

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::error::{error_body, ApiError};
@@ -133,14 +134,18 @@ fn cors(origins: &[String]) -> CorsLayer {
 /// The router; tests drive it over a real socket or with `tower::ServiceExt::oneshot`.
 pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
     let max_upload = state.max_upload_bytes;
+    let v1 = Router::new()
+        .route("/models", get(aiaa::list_models))
+        .route("/deepgrow", post(aiaa::deepgrow))
+        .route("/inference", post(aiaa::deepgrow))
+        .route("/segmentation", post(aiaa::segmentation));
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
         .route("/ready", get(health))
-        .route("/v1/models", get(aiaa::list_models))
-        .route("/v1/deepgrow", post(aiaa::deepgrow))
-        .route("/v1/inference", post(aiaa::deepgrow))
-        .route("/v1/segmentation", post(aiaa::segmentation))
+        .nest("/v1", v1.clone())
+        // C++/MITK users told to enter ".../v1" as the server send /v1/v1/... (AIAA client issue #21).
+        .nest("/v1/v1", v1)
         .route("/session", put(session::create))
         .route("/session/", put(session::create))
         .route("/session/{id}", get(session::get).delete(session::delete))
@@ -149,8 +154,20 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
         .layer(DefaultBodyLimit::max(max_upload))
         .layer(cors(cors_origins))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Every log line of a request carries its id (also returned as `x-request-id`).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
 }
 
 fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
