@@ -53,10 +53,9 @@ pub async fn create(
         ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())
     })?;
     let limits = state.decode_limits;
-    let volume = state
+    let (volume, name) = state
         .run_cpu(move || decode_upload(&file.bytes, limits).map(|v| (v, file.name)))
         .await?;
-    let (volume, name) = volume;
     let (id, info) = state
         .sessions
         .create(Arc::new(volume), name, expiry)
