@@ -60,41 +60,32 @@ pub enum VoxelData {
     F64(Vec<f64>),
 }
 
-/// Applies `value * slope + inter` in the float width numpy/nibabel would pick for the stored type, then casts
-/// to `f32` as MONAI's loader does: 8- and 16-bit integers and float32 scale in `f32`, wider types in `f64`.
+/// Applies `value * slope + inter` as nibabel does (its header hands slope and intercept over as Python floats,
+/// so every datatype is scaled in `f64`), then casts to `f32` as MONAI's loader does.
 trait ToScaledF32: Copy {
     fn to_scaled_f32(self, scaling: Option<Scaling>) -> f32;
 }
 
-macro_rules! scale_in {
-    ($ty:ty, $float:ty) => {
+macro_rules! scaled_f32 {
+    ($($ty:ty),*) => {$(
         impl ToScaledF32 for $ty {
             #[inline]
             fn to_scaled_f32(self, scaling: Option<Scaling>) -> f32 {
                 match scaling {
                     None => self as f32,
                     Some(Scaling { slope, inter }) => {
-                        let mut value = self as $float * slope as $float;
+                        let mut value = self as f64 * slope as f64;
                         if inter != 0.0 {
-                            value += inter as $float;
+                            value += inter as f64;
                         }
                         value as f32
                     }
                 }
             }
         }
-    };
+    )*};
 }
-scale_in!(u8, f32);
-scale_in!(i8, f32);
-scale_in!(u16, f32);
-scale_in!(i16, f32);
-scale_in!(f32, f32);
-scale_in!(u32, f64);
-scale_in!(i32, f64);
-scale_in!(u64, f64);
-scale_in!(i64, f64);
-scale_in!(f64, f64);
+scaled_f32!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
 
 /// Dispatches a generic body over the typed buffer of a [`VoxelData`].
 macro_rules! with_voxels {
@@ -259,9 +250,8 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
             ))
         }
     }
-    let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
-        .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
-    match &header.magic {
+    // The magic first: the `nifti` crate rejects other magics (Analyze headers) with a generic message.
+    match &bytes[344..348] {
         b"n+1\0" => {}
         b"ni1\0" => return Err(NiftiError::HeaderOnly),
         _ => {
@@ -270,6 +260,8 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
             ))
         }
     }
+    let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
+        .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
 
     let shape = scalar_3d_shape(&header)?;
     let datatype = header.datatype;

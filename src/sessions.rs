@@ -305,7 +305,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1200));
         assert!(s.volume(&a).is_some(), "use refreshes the expiry");
         std::thread::sleep(Duration::from_millis(1200));
-        assert!(s.volume(&a).is_some(), "alive 2.4 s after creation thanks to the refresh");
+        assert!(
+            s.volume(&a).is_some(),
+            "alive 2.4 s after creation thanks to the refresh"
+        );
         std::thread::sleep(Duration::from_millis(2800));
         assert!(s.volume(&a).is_none());
         assert_eq!(s.usage(), (0, 0));
