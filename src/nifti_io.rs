@@ -527,6 +527,18 @@ impl MaskDtype {
     }
 }
 
+/// Writes a number's bytes into a buffer at an offset, in the given byte order.
+macro_rules! put_ordered {
+    ($buffer:expr, $at:expr, $value:expr, $big_endian:expr) => {{
+        let bytes = if $big_endian {
+            $value.to_be_bytes()
+        } else {
+            $value.to_le_bytes()
+        };
+        $buffer[$at..$at + bytes.len()].copy_from_slice(&bytes);
+    }};
+}
+
 /// Writes the full mask volume in i-fastest order: zero everywhere except slice `k`, which holds `mask` ([i, j]).
 /// Values are written in `endianness` (the input's, so the raw header stays valid).
 fn mask_voxels(
@@ -545,14 +557,7 @@ fn mask_voxels(
             let at = (j * h + i) * voxel;
             match dtype {
                 MaskDtype::U8 => plane[at] = value,
-                MaskDtype::U16 => {
-                    let bytes = if big_endian {
-                        (value as u16).to_be_bytes()
-                    } else {
-                        (value as u16).to_le_bytes()
-                    };
-                    plane[at..at + 2].copy_from_slice(&bytes);
-                }
+                MaskDtype::U16 => put_ordered!(plane, at, value as u16, big_endian),
             }
         }
     }
@@ -570,30 +575,14 @@ pub fn encode_mask_nifti(
     let big_endian = geometry.endianness == Endianness::Big;
     let mut header = *geometry.raw_header;
     let (datatype, bitpix) = dtype.nifti_code();
-    let put_i16 = |header: &mut [u8; HEADER_SIZE], at: usize, v: i16| {
-        let bytes = if big_endian {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        };
-        header[at..at + 2].copy_from_slice(&bytes);
-    };
-    let put_f32 = |header: &mut [u8; HEADER_SIZE], at: usize, v: f32| {
-        let bytes = if big_endian {
-            v.to_be_bytes()
-        } else {
-            v.to_le_bytes()
-        };
-        header[at..at + 4].copy_from_slice(&bytes);
-    };
-    put_i16(&mut header, 68, 0); // intent_code: a plain label image
-    put_i16(&mut header, 70, datatype);
-    put_i16(&mut header, 72, bitpix);
-    put_f32(&mut header, 108, MIN_SINGLE_FILE_OFFSET as f32); // vox_offset
-    put_f32(&mut header, 112, 1.0); // scl_slope
-    put_f32(&mut header, 116, 0.0); // scl_inter
-    put_f32(&mut header, 124, 1.0); // cal_max
-    put_f32(&mut header, 128, 0.0); // cal_min
+    put_ordered!(header, 68, 0i16, big_endian); // intent_code: a plain label image
+    put_ordered!(header, 70, datatype, big_endian);
+    put_ordered!(header, 72, bitpix, big_endian);
+    put_ordered!(header, 108, MIN_SINGLE_FILE_OFFSET as f32, big_endian); // vox_offset
+    put_ordered!(header, 112, 1.0f32, big_endian); // scl_slope
+    put_ordered!(header, 116, 0.0f32, big_endian); // scl_inter
+    put_ordered!(header, 124, 1.0f32, big_endian); // cal_max
+    put_ordered!(header, 128, 0.0f32, big_endian); // cal_min
     header[344..348].copy_from_slice(b"n+1\0");
 
     let voxels = mask_voxels(geometry.shape, k, mask, dtype, big_endian);
