@@ -539,19 +539,21 @@ macro_rules! put_ordered {
     }};
 }
 
-/// Writes the full mask volume in i-fastest order: zero everywhere except slice `k`, which holds `mask` ([i, j]).
-/// Values are written in `endianness` (the input's, so the raw header stays valid).
-fn mask_voxels(
+/// Appends the full mask volume to `out` in i-fastest order: zero everywhere except slice `k`, which holds `mask`
+/// ([i, j]). Values are written in the given byte order (the input's, so its raw header stays valid).
+fn append_mask_voxels(
+    out: &mut Vec<u8>,
     shape: [usize; 3],
     k: usize,
     mask: ArrayView2<u8>,
     dtype: MaskDtype,
     big_endian: bool,
-) -> Vec<u8> {
+) {
     let [h, w, _] = shape;
     let voxel = dtype.bytes();
-    let mut out = vec![0u8; shape.iter().product::<usize>() * voxel];
-    let plane = &mut out[k * h * w * voxel..(k + 1) * h * w * voxel];
+    let start = out.len();
+    out.resize(start + shape.iter().product::<usize>() * voxel, 0);
+    let plane = &mut out[start + k * h * w * voxel..start + (k + 1) * h * w * voxel];
     for ((i, j), &value) in mask.indexed_iter() {
         if value != 0 {
             let at = (j * h + i) * voxel;
@@ -561,7 +563,6 @@ fn mask_voxels(
             }
         }
     }
-    out
 }
 
 /// Encodes a mask as a single-file NIfTI-1 with the input's exact header geometry (and byte order).
@@ -585,11 +586,11 @@ pub fn encode_mask_nifti(
     put_ordered!(header, 128, 0.0f32, big_endian); // cal_min
     header[344..348].copy_from_slice(b"n+1\0");
 
-    let voxels = mask_voxels(geometry.shape, k, mask, dtype, big_endian);
-    let mut file = Vec::with_capacity(MIN_SINGLE_FILE_OFFSET + voxels.len());
+    let voxel_bytes = geometry.shape.iter().product::<usize>() * dtype.bytes();
+    let mut file = Vec::with_capacity(MIN_SINGLE_FILE_OFFSET + voxel_bytes);
     file.extend_from_slice(&header);
     file.extend_from_slice(&[0u8; 4]); // no extensions
-    file.extend_from_slice(&voxels);
+    append_mask_voxels(&mut file, geometry.shape, k, mask, dtype, big_endian);
     if compress {
         gzip(&file)
     } else {
@@ -625,12 +626,13 @@ pub fn encode_mask_nrrd(
         a[1][3],
         a[2][3],
     );
-    let voxels = mask_voxels(geometry.shape, k, mask, dtype, false);
     let mut file = header.into_bytes();
     if compress {
+        let mut voxels = Vec::new();
+        append_mask_voxels(&mut voxels, geometry.shape, k, mask, dtype, false);
         file.extend_from_slice(&gzip(&voxels));
     } else {
-        file.extend_from_slice(&voxels);
+        append_mask_voxels(&mut file, geometry.shape, k, mask, dtype, false);
     }
     file
 }
