@@ -65,10 +65,6 @@ fn millis_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
-pub fn decode_upload(bytes: &[u8], limits: DecodeLimits) -> Result<Volume, ApiError> {
-    Ok(nifti_io::decode(bytes, limits)?)
-}
-
 pub fn annotate(
     model: &Model,
     source: ImageSource,
@@ -80,7 +76,7 @@ pub fn annotate(
     let mut latencies = Latencies::default();
 
     let volume = match source {
-        ImageSource::Upload(bytes) => Arc::new(decode_upload(&bytes, limits)?),
+        ImageSource::Upload(bytes) => Arc::new(nifti_io::decode(&bytes, limits)?),
         ImageSource::Session(volume) => volume,
     };
     latencies.decode = millis_since(start);

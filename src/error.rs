@@ -33,6 +33,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("this endpoint does not accept that method")]
+    MethodNotAllowed,
     #[error("the server is busy with other requests; retry shortly")]
     Overloaded,
     #[error("inference failed")]
@@ -55,6 +57,7 @@ impl ApiError {
                 StatusCode::from_u16(SESSION_EXPIRED).expect("440 is a valid status code")
             }
             ApiError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::SessionExpired(_) => "SessionExpired",
             ApiError::NotFound(_) => "NotFound",
             ApiError::Unsupported(_) => "NotImplemented",
+            ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Overloaded => "Overloaded",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
@@ -79,8 +83,8 @@ impl ApiError {
     }
 }
 
-/// Builds the AIAA error body for a status and message (also used for rejections raised outside handlers).
-pub fn error_body(kind: &str, message: &str) -> String {
+/// Builds the AIAA error body for an error kind and message.
+fn error_body(kind: &str, message: &str) -> String {
     serde_json::json!({
         "error": { "message": [message], "type": kind },
         "success": false,

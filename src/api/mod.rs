@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -19,7 +19,7 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::error::{error_body, ApiError};
+use crate::error::ApiError;
 use crate::models::{Model, Registry};
 use crate::nifti_io::DecodeLimits;
 use crate::sessions::SessionStore;
@@ -170,44 +170,22 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
     tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = %id)
 }
 
-fn json_error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        error_body(kind, message),
-    )
-        .into_response()
-}
-
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     let detail = panic
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("unknown panic");
-    tracing::error!(%detail, "request handler panicked");
-    json_error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "InternalError",
-        "internal error",
-    )
+    ApiError::Internal(format!("request handler panicked: {detail}")).into_response()
 }
 
-async fn not_found(State(state): State<SharedState>, body: axum::body::Body) -> Response {
+async fn not_found(State(state): State<SharedState>, body: axum::body::Body) -> ApiError {
     multipart::drain(body, state.max_upload_bytes).await;
-    json_error(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        "no such endpoint; see GET / for the API this server speaks",
-    )
+    ApiError::NotFound("no such endpoint; see GET / for the API this server speaks".into())
 }
 
-async fn method_not_allowed() -> Response {
-    json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "MethodNotAllowed",
-        "this endpoint does not accept that method",
-    )
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 async fn health(State(state): State<SharedState>) -> Json<serde_json::Value> {

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use super::multipart::{content_type, drain, read_upload_request};
 use super::SharedState;
-use crate::annotate::decode_upload;
 use crate::error::ApiError;
+use crate::nifti_io;
 use crate::sessions::SessionError;
 
 #[derive(Debug, Deserialize)]
@@ -54,7 +54,11 @@ pub async fn create(
     })?;
     let limits = state.decode_limits;
     let (volume, name) = state
-        .run_cpu(move || decode_upload(&file.bytes, limits).map(|v| (v, file.name)))
+        .run_cpu(move || {
+            nifti_io::decode(&file.bytes, limits)
+                .map(|v| (v, file.name))
+                .map_err(ApiError::from)
+        })
         .await?;
     let (id, info) = state
         .sessions
