@@ -648,7 +648,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal little- or big-endian NIfTI-1 file, built byte by byte (independent of the decoder).

@@ -228,20 +228,12 @@ impl SessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nifti_io::tests::synthetic_nifti;
     use crate::nifti_io::{decode, DecodeLimits};
 
     fn volume(voxels: usize) -> Arc<Volume> {
         // A real decode of a tiny synthetic file keeps the store's accounting honest.
-        let mut file = vec![0u8; 352];
-        file[0..4].copy_from_slice(&348i32.to_le_bytes());
-        for (n, d) in [3i16, voxels as i16, 1, 1, 1, 1, 1, 1].iter().enumerate() {
-            file[40 + 2 * n..42 + 2 * n].copy_from_slice(&d.to_le_bytes());
-        }
-        file[70..72].copy_from_slice(&2i16.to_le_bytes());
-        file[72..74].copy_from_slice(&8i16.to_le_bytes());
-        file[108..112].copy_from_slice(&352f32.to_le_bytes());
-        file[344..348].copy_from_slice(b"n+1\0");
-        file.resize(352 + voxels, 1);
+        let file = synthetic_nifti([voxels as u16, 1, 1], 2, 8, &vec![1u8; voxels], false);
         Arc::new(
             decode(
                 &file,
