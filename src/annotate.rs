@@ -156,3 +156,186 @@ pub fn annotate(
         },
     })
 }
+
+#[cfg(test)]
+mod properties {
+    //! Property tests of the whole click (issue 6): any valid click set on any valid geometry gives a mask of
+    //! the input's shape and affine, in {0, 1}, zero outside the chosen slice; invalid clicks are refused
+    //! with a client error, never a panic or a 500.
+
+    use super::*;
+    use crate::deepgrow::PipelineConfig;
+    use crate::engine::{Engine, EngineError};
+    use crate::models::ModelInfo;
+    use crate::nifti_io::tests::synthetic_nifti_with_sform;
+    use ndarray::{s, Array2, Array4};
+    use proptest::prelude::*;
+
+    /// Logits = positive guidance - 0.5: a blob around the foreground clicks.
+    struct GuidanceEngine([usize; 2]);
+
+    impl Engine for GuidanceEngine {
+        fn input_size(&self) -> [usize; 2] {
+            self.0
+        }
+
+        fn infer(&self, input: Array4<f32>) -> Result<Array2<f32>, EngineError> {
+            assert_eq!(input.dim(), (1, 3, self.0[0], self.0[1]));
+            Ok(input.slice(s![0, 1, .., ..]).mapv(|v| v - 0.5))
+        }
+    }
+
+    fn model(model_side: usize, crop_side: usize) -> Model {
+        Model {
+            info: ModelInfo {
+                name: "deepgrow_2d".into(),
+                labels: vec![],
+                description: String::new(),
+                version: "1".into(),
+                model_type: "deepgrow".into(),
+                deepgrow: Some("2D".into()),
+            },
+            pipeline: PipelineConfig {
+                model_size: [model_side; 2],
+                crop_size: [crop_side; 2],
+                ..PipelineConfig::clara_deepgrow_2d()
+            },
+            engine: Arc::new(GuidanceEngine([model_side; 2])),
+        }
+    }
+
+    /// A volume of `shape` whose in-plane axes map to world axes `axes` (a permutation) with signed spacings.
+    #[derive(Debug, Clone)]
+    struct Case {
+        shape: [u16; 3],
+        swap_axes: bool,
+        spacing: [f32; 3],
+        signs: [bool; 3],
+        voxels: Vec<i16>,
+        foreground: Vec<[f64; 3]>,
+        background: Vec<[f64; 3]>,
+        slice: Option<i64>,
+        model_side: usize,
+        crop_side: usize,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            (1u16..40, 1u16..40, 1u16..5),
+            any::<bool>(),
+            (0.3f32..3.0, 0.3f32..3.0, 0.5f32..5.0),
+            any::<[bool; 3]>(),
+            (16usize..64, 8usize..96),
+        )
+            .prop_flat_map(
+                |(shape, swap_axes, spacing, signs, (model_side, crop_side))| {
+                    let [ni, nj, nk] = [shape.0, shape.1, shape.2].map(f64::from);
+                    // Clicks anywhere in the volume, some of them just outside it.
+                    let point = (-0.5..ni + 0.5, -0.5..nj + 0.5, -0.5..nk + 0.5)
+                        .prop_map(|(i, j, k)| [i, j, k]);
+                    let n = usize::from(shape.0) * usize::from(shape.1) * usize::from(shape.2);
+                    (
+                        Just((shape, swap_axes, spacing, signs, model_side, crop_side)),
+                        proptest::collection::vec(-1100i16..1900, n),
+                        proptest::collection::vec(point.clone(), 0..4),
+                        proptest::collection::vec(point, 0..3),
+                        proptest::option::of(-1i64..i64::from(shape.2) + 1),
+                    )
+                },
+            )
+            .prop_map(
+                |(
+                    (shape, swap_axes, spacing, signs, model_side, crop_side),
+                    voxels,
+                    foreground,
+                    background,
+                    slice,
+                )| {
+                    Case {
+                        shape: [shape.0, shape.1, shape.2],
+                        swap_axes,
+                        spacing: [spacing.0, spacing.1, spacing.2],
+                        signs,
+                        voxels,
+                        foreground,
+                        background,
+                        slice,
+                        model_side,
+                        crop_side,
+                    }
+                },
+            )
+    }
+
+    fn file(case: &Case) -> Vec<u8> {
+        let mut srows = [[0.0f32; 4]; 3];
+        let rows = if case.swap_axes { [1, 0, 2] } else { [0, 1, 2] };
+        for axis in 0..3 {
+            let sign = if case.signs[axis] { -1.0 } else { 1.0 };
+            srows[rows[axis]][axis] = sign * case.spacing[axis];
+            srows[axis][3] = 10.0 * axis as f32 - 7.5;
+        }
+        let data: Vec<u8> = case.voxels.iter().flat_map(|v| v.to_le_bytes()).collect();
+        synthetic_nifti_with_sform(case.shape, 4, 16, &data, false, srows)
+    }
+
+    /// Inside the volume once truncated toward zero, as clients' float clicks are.
+    fn in_bounds(point: &[f64; 3], shape: [u16; 3]) -> bool {
+        point
+            .iter()
+            .zip(shape)
+            .all(|(&p, n)| p.trunc() >= 0.0 && p.trunc() < f64::from(n))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_click_set_gives_a_mask_on_the_input_grid_or_a_client_error(case in case()) {
+            let model = model(case.model_side, case.crop_side);
+            let clicks = Clicks {
+                foreground: case.foreground.clone(),
+                background: case.background.clone(),
+                slice: case.slice,
+            };
+            let input = file(&case);
+            let limits = DecodeLimits { max_decompressed_bytes: 1 << 30 };
+            let options = OutputOptions { format: Some(MaskFormat::Nifti), dtype: MaskDtype::U8 };
+            let result = annotate(&model, ImageSource::Upload(input.clone().into()), &clicks, options, limits);
+            // The contract of `choose_slice`: some click, every click inside the volume, and an explicit
+            // slice inside the volume with a click on it.
+            let all: Vec<_> = case.foreground.iter().chain(&case.background).collect();
+            let valid = !all.is_empty()
+                && all.iter().all(|p| in_bounds(p, case.shape))
+                && case.slice.is_none_or(|k| all.iter().any(|p| p[2] as i64 == k));
+            match result {
+                Ok(annotation) => {
+                    let k = annotation.params.slice;
+                    prop_assert!(k < usize::from(case.shape[2]));
+                    let mask = nifti_io::decode(&annotation.file, limits).expect("our own mask decodes");
+                    let source = nifti_io::decode(&input, limits).unwrap();
+                    prop_assert_eq!(mask.geometry.shape, source.geometry.shape);
+                    prop_assert_eq!(mask.geometry.affine, source.geometry.affine);
+                    let [ni, nj, _] = mask.geometry.shape;
+                    let nifti_io::VoxelData::U8(values) = &mask.data else {
+                        panic!("u8 mask expected, got {}", mask.data.datatype_name());
+                    };
+                    let mut on_slice = 0;
+                    for (index, &v) in values.iter().enumerate() {
+                        prop_assert!(v <= 1, "mask value {v}");
+                        if index / (ni * nj) != k {
+                            prop_assert_eq!(v, 0, "voxel {} off slice {}", index, k);
+                        } else {
+                            on_slice += usize::from(v);
+                        }
+                    }
+                    prop_assert_eq!(on_slice, annotation.params.mask_pixels);
+                }
+                Err(error) => {
+                    prop_assert!(!valid, "valid clicks refused: {error}");
+                    prop_assert!(error.status().is_client_error(), "{error} is a {}", error.status());
+                }
+            }
+        }
+    }
+}

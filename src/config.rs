@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
@@ -66,6 +67,27 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
 
+    /// Seconds a client may take to send a request's headers; a slower connection is closed.
+    #[arg(long, env = "DEEPGROW_HEADER_READ_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
+    pub header_read_timeout: Duration,
+
+    /// Longest pause, in seconds, while a request body is arriving; a stalled upload gets 408.
+    #[arg(long, env = "DEEPGROW_BODY_TIMEOUT", default_value = "30", value_parser = parse_seconds)]
+    pub body_timeout: Duration,
+
+    /// Seconds a whole request may take, upload, queueing and inference included; beyond it the reply is 408.
+    #[arg(long, env = "DEEPGROW_REQUEST_TIMEOUT", default_value = "600", value_parser = parse_seconds)]
+    pub request_timeout: Duration,
+
+    /// Most open client connections; further clients wait in the listen backlog.
+    #[arg(long, env = "DEEPGROW_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// When set, every request except /health and /ready must carry `Authorization: Bearer <token>`.
+    /// Off by default: AIAA clients (Slicer, MITK, OHIF, the Python client) send no token.
+    #[arg(long, env = "DEEPGROW_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
     /// Allowed CORS origins, comma-separated; `*` allows any origin (browser viewers such as OHIF).
     #[arg(
         long,
@@ -80,6 +102,21 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A positive, finite number of seconds ("2", "0.5").
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds, got '{text}'"))?;
+    if seconds.is_finite() && seconds > 0.0 && seconds <= 1e9 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(format!(
+            "expected a positive number of seconds, got '{text}'"
+        ))
+    }
+}
+
 impl Config {
     pub fn workers(&self) -> usize {
         self.workers.unwrap_or_else(num_cpus::get).max(1)
@@ -87,5 +124,30 @@ impl Config {
 
     pub fn inference_threads(&self) -> usize {
         self.inference_threads.unwrap_or_else(num_cpus::get).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_fractional_seconds_and_refuse_nonsense() {
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds(" 600 "), Ok(Duration::from_secs(600)));
+        for bad in ["0", "-1", "NaN", "inf", "ten", ""] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn defaults_keep_the_server_local_and_open_to_aiaa_clients() {
+        let config = Config::parse_from(["deepgrow-server"]);
+        assert_eq!(config.host.to_string(), "127.0.0.1");
+        assert_eq!(config.port, 5000);
+        assert_eq!(config.auth_token, None);
+        assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.body_timeout, Duration::from_secs(30));
+        assert_eq!(config.request_timeout, Duration::from_secs(600));
     }
 }

@@ -35,6 +35,10 @@ pub enum ApiError {
     Unsupported(String),
     #[error("this endpoint does not accept that method")]
     MethodNotAllowed,
+    #[error("this server requires 'Authorization: Bearer <token>' (set with --auth-token)")]
+    Unauthorized,
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("the server is busy with other requests; retry shortly")]
     Overloaded,
     #[error("inference failed")]
@@ -58,6 +62,8 @@ impl ApiError {
             }
             ApiError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -76,6 +82,8 @@ impl ApiError {
             ApiError::NotFound(_) => "NotFound",
             ApiError::Unsupported(_) => "NotImplemented",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
+            ApiError::Unauthorized => "Unauthorized",
+            ApiError::RequestTimeout(_) => "RequestTimeout",
             ApiError::Overloaded => "Overloaded",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
@@ -120,8 +128,18 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if matches!(self, ApiError::Overloaded) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match self {
+            ApiError::Overloaded => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The connection may still hold unread body bytes: close it rather than read on.
+            ApiError::RequestTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

@@ -20,7 +20,7 @@ use anyhow::Context;
 use ndarray::Array4;
 use tracing_subscriber::EnvFilter;
 
-use crate::api::{AppState, Limiter, SharedState};
+use crate::api::{AppState, Limiter, RequestPolicy, SharedState};
 use crate::config::{Config, LogFormat};
 use crate::engine::{Engine, TractEngine};
 use crate::models::Registry;
@@ -77,18 +77,32 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
         decode_limits: DecodeLimits {
             max_decompressed_bytes: config.max_decompressed_bytes,
         },
-        max_upload_bytes: config.max_upload_bytes,
+        policy: RequestPolicy {
+            max_upload_bytes: config.max_upload_bytes,
+            body_timeout: config.body_timeout,
+            request_timeout: config.request_timeout,
+            auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
+        },
         started: Instant::now(),
     })
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; in-flight requests finish first.
+///
+/// The accept loop is hyper-util's (rather than `axum::serve`) for the limits axum does not expose: a
+/// header read timeout, so a client trickling its headers cannot hold a connection, and a cap on open
+/// connections.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: SharedState,
     config: &Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
     let sweeper_state = state.clone();
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -101,11 +115,49 @@ pub async fn serve(
         }
     });
     let router = app(state, &config.cors_origins);
-    let result = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.context("connection limiter closed")?,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     sweeper.abort();
-    result.context("serving HTTP")
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -659,6 +659,23 @@ pub(crate) mod tests {
         data: &[u8],
         big: bool,
     ) -> Vec<u8> {
+        let srows = [
+            [-0.8f32, 0.0, 0.0, 10.0],
+            [0.0, 0.8, 0.0, -20.0],
+            [0.0, 0.0, 2.5, 30.0],
+        ];
+        synthetic_nifti_with_sform(shape, datatype, bitpix, data, big, srows)
+    }
+
+    /// [`synthetic_nifti`] with the given sform rows (pixdim follows the columns' lengths).
+    pub(crate) fn synthetic_nifti_with_sform(
+        shape: [u16; 3],
+        datatype: i16,
+        bitpix: i16,
+        data: &[u8],
+        big: bool,
+        srows: [[f32; 4]; 3],
+    ) -> Vec<u8> {
         let mut h = vec![0u8; 352];
         let i32b = |v: i32| {
             if big {
@@ -697,17 +714,14 @@ pub(crate) mod tests {
         }
         h[70..72].copy_from_slice(&i16b(datatype));
         h[72..74].copy_from_slice(&i16b(bitpix));
-        for (n, p) in [1.0f32, 0.8, 0.8, 2.5].iter().enumerate() {
+        let column_length = |c: usize| (0..3).map(|r| srows[r][c].powi(2)).sum::<f32>().sqrt();
+        let pixdim = [1.0f32, column_length(0), column_length(1), column_length(2)];
+        for (n, p) in pixdim.iter().enumerate() {
             h[76 + 4 * n..80 + 4 * n].copy_from_slice(&f32b(*p));
         }
         h[108..112].copy_from_slice(&f32b(352.0));
         h[112..116].copy_from_slice(&f32b(0.0));
         h[254..256].copy_from_slice(&i16b(2)); // sform_code
-        let srows = [
-            [-0.8f32, 0.0, 0.0, 10.0],
-            [0.0, 0.8, 0.0, -20.0],
-            [0.0, 0.0, 2.5, 30.0],
-        ];
         for (r, row) in srows.iter().enumerate() {
             for (c, v) in row.iter().enumerate() {
                 h[280 + 16 * r + 4 * c..284 + 16 * r + 4 * c].copy_from_slice(&f32b(*v));

@@ -82,7 +82,7 @@ pub async fn deepgrow(
     request: Request,
 ) -> Result<Response, ApiError> {
     // The body is read before anything can be refused (see `drain`).
-    let upload = read_upload_request(request, state.max_upload_bytes).await?;
+    let upload = read_upload_request(request, state.policy.max_upload_bytes).await?;
     let model = state.model(query.model.as_deref())?;
     if !model.is_deepgrow_2d() {
         return Err(ApiError::WrongModelType(format!(
@@ -119,7 +119,7 @@ pub async fn deepgrow(
         .map_err(|e| ApiError::Internal(format!("serialising reply params: {e}")))?;
     Ok(match kind {
         ReplyKind::Multipart => {
-            multipart_reply(&params_json, annotation.file_name, &annotation.file)
+            multipart_reply(&params_json, annotation.file_name, annotation.file)
         }
         ReplyKind::Image => file_reply(annotation.file_name, annotation.file),
         ReplyKind::Json => Json(annotation.params).into_response(),
@@ -132,7 +132,7 @@ pub async fn segmentation(
     Query(query): Query<InferQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    drain(body, state.max_upload_bytes).await;
+    drain(body, state.policy.max_upload_bytes).await;
     let model = state.model(query.model.as_deref())?;
     Err(ApiError::WrongModelType(format!(
         "model '{}' is a {} model: it needs foreground/background clicks; call /v1/deepgrow or /v1/inference instead of /v1/segmentation",

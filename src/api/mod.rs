@@ -6,10 +6,11 @@ mod params;
 mod session;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderValue, Method};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -17,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::error::ApiError;
@@ -56,13 +58,26 @@ impl Limiter {
     }
 }
 
+/// Per-request limits and access control of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct RequestPolicy {
+    /// Largest accepted request body.
+    pub max_upload_bytes: usize,
+    /// Longest pause while a request body arrives.
+    pub body_timeout: Duration,
+    /// Longest whole request, upload, queueing and inference included.
+    pub request_timeout: Duration,
+    /// The bearer token every request but /health and /ready must carry, when set.
+    pub auth_token: Option<String>,
+}
+
 /// Everything the handlers share.
 pub struct AppState {
     pub registry: Registry,
     pub sessions: SessionStore,
     pub limiter: Limiter,
     pub decode_limits: DecodeLimits,
-    pub max_upload_bytes: usize,
+    pub policy: RequestPolicy,
     pub started: Instant,
 }
 
@@ -133,7 +148,7 @@ fn cors(origins: &[String]) -> CorsLayer {
 
 /// The router; tests drive it over a real socket or with `tower::ServiceExt::oneshot`.
 pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
-    let max_upload = state.max_upload_bytes;
+    let policy = state.policy.clone();
     let v1 = Router::new()
         .route("/models", get(aiaa::list_models))
         .route("/deepgrow", post(aiaa::deepgrow))
@@ -151,7 +166,14 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
         .route("/session/{id}", get(session::get).delete(session::delete))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_upload))
+        .layer(DefaultBodyLimit::max(policy.max_upload_bytes))
+        // Requests pass these from the bottom up: body timeout, whole-request deadline, then the token check.
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_deadline,
+        ))
+        .layer(RequestBodyTimeoutLayer::new(policy.body_timeout))
         .layer(cors(cors_origins))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -179,8 +201,53 @@ fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("request handler panicked: {detail}")).into_response()
 }
 
+/// Answers 408 when a request, upload and inference included, outlasts `--request-timeout`.
+async fn request_deadline(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = state.policy.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout(format!(
+            "the request did not complete within {} s (--request-timeout)",
+            limit.as_secs_f64()
+        ))
+        .into_response(),
+    }
+}
+
+/// With `--auth-token`, every request but the health probes must carry `Authorization: Bearer <token>`.
+async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.policy.auth_token.as_deref() else {
+        return next.run(request).await;
+    };
+    if matches!(request.uri().path(), "/health" | "/ready") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        })
+        .map(|(_, token)| token.trim().as_bytes());
+    let authorised = presented
+        .is_some_and(|token| bool::from(subtle::ConstantTimeEq::ct_eq(token, expected.as_bytes())));
+    if authorised {
+        next.run(request).await
+    } else {
+        // Read the upload first, as for every early error (see `multipart::drain`).
+        multipart::drain(request.into_body(), state.policy.max_upload_bytes).await;
+        ApiError::Unauthorized.into_response()
+    }
+}
+
 async fn not_found(State(state): State<SharedState>, body: axum::body::Body) -> ApiError {
-    multipart::drain(body, state.max_upload_bytes).await;
+    multipart::drain(body, state.policy.max_upload_bytes).await;
     ApiError::NotFound("no such endpoint; see GET / for the API this server speaks".into())
 }
 

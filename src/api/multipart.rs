@@ -4,8 +4,6 @@
 //! at the first boundary (no preamble), a `params` JSON part without a filename, then exactly one file part
 //! with a quoted filename and an octet-stream type.
 
-use std::io::Write;
-
 use axum::body::Body;
 use axum::extract::multipart::{Multipart, MultipartError};
 use axum::extract::{FromRequest, Request};
@@ -30,6 +28,9 @@ pub struct UploadedFile {
 }
 
 fn multipart_error(error: MultipartError) -> ApiError {
+    if body_timed_out(&error) {
+        return body_timeout_error();
+    }
     if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(format!(
             "the upload is larger than this server accepts ({}); the limit is set with --max-upload-bytes",
@@ -40,6 +41,19 @@ fn multipart_error(error: MultipartError) -> ApiError {
     }
 }
 
+/// Whether a body error comes from the body timeout (`--body-timeout`) somewhere down its source chain.
+pub fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source())
+        .any(|e| e.is::<tower_http::timeout::TimeoutError>())
+}
+
+pub fn body_timeout_error() -> ApiError {
+    ApiError::RequestTimeout(
+        "the request body stopped arriving: no data within the body timeout (--body-timeout)"
+            .into(),
+    )
+}
+
 /// Field names that carry the image even without a filename.
 fn is_image_field(name: &str) -> bool {
     matches!(name, "datapoint" | "file" | "files") || name.starts_with("image")
@@ -47,8 +61,18 @@ fn is_image_field(name: &str) -> bool {
 
 /// Reads the body to its end (bounded) and drops it. Python, Slicer and C++ clients write the whole upload
 /// before reading the reply: an error answered before the body is read would reach them as a broken pipe.
+/// Chunks are dropped as they arrive, so a refused upload holds no memory; it stops at `limit` bytes, at the
+/// body timeout, or at the first body error.
 pub async fn drain(body: Body, limit: usize) {
-    let _ = axum::body::to_bytes(body, limit).await;
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut read = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        read = read.saturating_add(chunk.len());
+        if read > limit {
+            break;
+        }
+    }
 }
 
 /// The request's content type, lower-cased ("" when absent).
@@ -113,20 +137,18 @@ fn boundary() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The AIAA success reply: `params` JSON part + one file part.
-pub fn multipart_reply(params_json: &str, file_name: &str, file: &[u8]) -> Response {
+/// The AIAA success reply: `params` JSON part + one file part. The mask is sent as it is, between a small head
+/// and tail, without copying it into a second buffer; the Content-Length is still exact.
+pub fn multipart_reply(params_json: &str, file_name: &str, file: Vec<u8>) -> Response {
     let boundary = boundary();
-    let mut body = Vec::with_capacity(file.len() + params_json.len() + 400);
-    let _ = write!(
-        body,
+    let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\nContent-Type: application/json\r\n\r\n{params_json}\r\n\
          --{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{file_name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
     );
-    body.extend_from_slice(file);
-    let _ = write!(body, "\r\n--{boundary}--\r\n");
+    let tail = format!("\r\n--{boundary}--\r\n");
     sized_response(
         format!("multipart/form-data; boundary={boundary}"),
-        body,
+        vec![head.into(), file.into(), tail.into()],
         None,
     )
 }
@@ -140,20 +162,27 @@ pub fn file_reply(file_name: &str, file: Vec<u8>) -> Response {
     };
     sized_response(
         content_type.to_owned(),
-        file,
+        vec![file.into()],
         Some(format!("attachment; filename=\"{file_name}\"")),
     )
 }
 
-fn sized_response(content_type: String, body: Vec<u8>, disposition: Option<String>) -> Response {
+/// A reply made of `chunks`, with an exact Content-Length (clients reject chunked replies).
+fn sized_response(
+    content_type: String,
+    chunks: Vec<Bytes>,
+    disposition: Option<String>,
+) -> Response {
+    let length: usize = chunks.iter().map(Bytes::len).sum();
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, body.len());
+        .header(header::CONTENT_LENGTH, length);
     if let Some(disposition) = disposition {
         builder = builder.header(header::CONTENT_DISPOSITION, disposition);
     }
-    builder
-        .body(Body::from(body))
-        .expect("static headers are valid")
+    let body = Body::from_stream(futures_util::stream::iter(
+        chunks.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
+    builder.body(body).expect("static headers are valid")
 }

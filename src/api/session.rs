@@ -39,7 +39,7 @@ pub async fn create(
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
     if content_type(&request).starts_with("application/json") {
-        drain(request.into_body(), state.max_upload_bytes).await;
+        drain(request.into_body(), state.policy.max_upload_bytes).await;
         return Err(ApiError::Unsupported(
             "creating a session by fetching from a DICOM server is not supported; upload the volume as a \
              multipart file instead (in OHIF, untick 'Fetch Images From Dicom Server')"
@@ -47,7 +47,7 @@ pub async fn create(
         ));
     }
     // The body is read before anything can be refused (see `drain`).
-    let upload = read_upload_request(request, state.max_upload_bytes).await?;
+    let upload = read_upload_request(request, state.policy.max_upload_bytes).await?;
     let expiry = parse_expiry(query.expiry.as_deref())?;
     let file = upload.file.ok_or_else(|| {
         ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())

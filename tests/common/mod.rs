@@ -389,7 +389,7 @@ pub fn send_then_read(addr: SocketAddr, request: &[u8]) -> std::io::Result<Reply
 }
 
 /// Reads the head, then exactly Content-Length bytes (or up to EOF without one), then checks nothing follows.
-fn read_reply(stream: &mut TcpStream) -> Reply {
+pub fn read_reply(stream: &mut TcpStream) -> Reply {
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
