@@ -213,14 +213,7 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<Volume, NiftiError> 
 }
 
 fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, NiftiError> {
-    // The gzip trailer holds the uncompressed size modulo 2^32: a good capacity hint, never trusted beyond `limit`.
-    let size_hint = bytes
-        .len()
-        .checked_sub(4)
-        .map(|at| u32::from_le_bytes(bytes[at..].try_into().expect("4 bytes")) as u64)
-        .unwrap_or(0)
-        .min(limit);
-    let mut out = Vec::with_capacity(size_hint as usize);
+    let mut out = Vec::with_capacity(gunzip_capacity(bytes, limit));
     let mut reader = MultiGzDecoder::new(bytes).take(limit + 1);
     reader
         .read_to_end(&mut out)
@@ -229,6 +222,18 @@ fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, NiftiError> {
         return Err(NiftiError::TooLarge { limit });
     }
     Ok(out)
+}
+
+/// Capacity to reserve for a gzip stream's output. The trailer holds the uncompressed size modulo 2^32: a good
+/// hint for real uploads, but attacker-controlled, so it is never trusted beyond `limit` nor beyond 16 times the
+/// compressed size (CT compresses about 2:1; a stream that expands further grows the buffer as it goes).
+fn gunzip_capacity(gz: &[u8], limit: u64) -> usize {
+    let trailer = gz
+        .len()
+        .checked_sub(4)
+        .map(|at| u32::from_le_bytes(gz[at..].try_into().expect("4 bytes")) as u64)
+        .unwrap_or(0);
+    trailer.min(limit).min(gz.len() as u64 * 16) as usize
 }
 
 fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> {
@@ -754,6 +759,18 @@ pub(crate) mod tests {
         let slice = a.slice_f32(1);
         assert_eq!(slice.dim(), (4, 3));
         assert_eq!(slice[[2, 1]], values[2 + 4 + 12] as f32);
+    }
+
+    #[test]
+    fn a_gzip_trailer_cannot_make_the_decoder_reserve_memory() {
+        let mut bomb_claim = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+        bomb_claim.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(gunzip_capacity(&bomb_claim, 4 << 30), 14 * 16);
+        assert_eq!(gunzip_capacity(&bomb_claim, 100), 100);
+        let mut honest = vec![0u8; 1000];
+        honest[996..].copy_from_slice(&1800u32.to_le_bytes());
+        assert_eq!(gunzip_capacity(&honest, 4 << 30), 1800);
+        assert_eq!(gunzip_capacity(&[0x1f], 4 << 30), 0);
     }
 
     #[test]

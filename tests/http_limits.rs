@@ -263,3 +263,53 @@ fn a_panic_in_a_request_is_a_500_and_the_server_keeps_serving() {
         ct().liver,
     );
 }
+
+#[test]
+fn a_small_gzip_bomb_is_413_at_the_decompressed_limit() {
+    let server = start(
+        config(&["--max-decompressed-bytes", "50000000"]),
+        fake_registry(),
+    );
+    let addr = server.addr;
+    // The fixture's header claiming 512 x 512 x 400 int16 (200 MiB of zeros): a few hundred KB of gzip.
+    let raw = &ct().raw;
+    let vox_offset = f32::from_le_bytes(raw[108..112].try_into().unwrap()) as usize;
+    let mut header = raw[..vox_offset].to_vec();
+    for (n, d) in [512i16, 512, 400].iter().enumerate() {
+        header[42 + 2 * n..44 + 2 * n].copy_from_slice(&d.to_le_bytes());
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(&header).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..200 {
+        encoder.write_all(&zeros).unwrap();
+    }
+    let bomb = encoder.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "{} bytes of gzip", bomb.len());
+
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "PUT",
+            "/session/",
+            &[file_part("image", "bomb.nii.gz", &bomb)],
+        ),
+    );
+    assert_aiaa_error(&reply, 413, "50000000 bytes");
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}"),
+            &[
+                text_part("params", &liver_params()),
+                file_part("datapoint", "bomb.nii.gz", &bomb),
+            ],
+        ),
+    );
+    assert_aiaa_error(&reply, 413, "limit");
+    // A real volume under the limit still works.
+    aiaa_multipart(&send(addr, click_request(addr)));
+}
