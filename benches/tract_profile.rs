@@ -79,7 +79,7 @@ fn main() -> TractResult<()> {
     println!("{path}: input {shape:?}, {threads} thread(s), mean of {runs} runs: {total_ms:.1} ms per run\n");
     println!("{:<28} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
     let mut ops: Vec<_> = per_op.into_iter().collect();
-    ops.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+    ops.sort_by_key(|(_, (_, t))| std::cmp::Reverse(*t));
     for (op, (nodes, t)) in ops {
         println!(
             "{op:<28} {nodes:>6} {:>10.1} {:>6.1}%",
@@ -89,7 +89,7 @@ fn main() -> TractResult<()> {
     }
     println!("\nslowest nodes:");
     let mut nodes: Vec<_> = per_node.into_iter().collect();
-    nodes.sort_by(|a, b| b.1.cmp(&a.1));
+    nodes.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
     for (id, t) in nodes.into_iter().take(20) {
         let node = model.node(id);
         let output = model.outlet_fact(OutletId::new(id, 0))?;
