@@ -267,6 +267,14 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
     }
     let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
         .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
+    // nibabel takes the byte order from sizeof_hdr, the nifti crate from dim[0]: refuse a header where they
+    // disagree rather than read it in an order nibabel would not (found by the nifti_decode fuzzer).
+    let sizeof_hdr_big_endian = sizeof_hdr != 348;
+    if sizeof_hdr_big_endian != (header.endianness == Endianness::Big) {
+        return Err(NiftiError::BadHeader(
+            "sizeof_hdr and dim[0] are stored in different byte orders".into(),
+        ));
+    }
 
     let shape = scalar_3d_shape(&header)?;
     let datatype = header.datatype;
@@ -771,6 +779,23 @@ pub(crate) mod tests {
         honest[996..].copy_from_slice(&1800u32.to_le_bytes());
         assert_eq!(gunzip_capacity(&honest, 4 << 30), 1800);
         assert_eq!(gunzip_capacity(&[0x1f], 4 << 30), 0);
+    }
+
+    #[test]
+    fn rejects_headers_that_mix_byte_orders() {
+        for big in [false, true] {
+            let mut file = synthetic_nifti([2, 2, 2], 2, 8, &[1u8; 8], big);
+            let swapped = if big {
+                348i32.to_le_bytes()
+            } else {
+                348i32.to_be_bytes()
+            };
+            file[0..4].copy_from_slice(&swapped);
+            match decode(&file, limits()) {
+                Err(NiftiError::BadHeader(message)) => assert!(message.contains("byte orders")),
+                other => panic!("expected BadHeader, got {other:?}"),
+            }
+        }
     }
 
     #[test]

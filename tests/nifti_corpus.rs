@@ -7,7 +7,7 @@
 //! no file, whole or cut short, may make the decoder panic.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use deepgrow_server::nifti_io::{decode, DecodeLimits, NiftiError, Volume};
 use serde_json::Value;
@@ -416,4 +416,23 @@ fn truncated_files_never_panic_and_are_rejected() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// Inputs the fuzzers found problems with (`fuzz/regressions/nifti_decode/`): each is refused, without a panic.
+#[test]
+fn fuzzer_findings_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/nifti_decode");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("fuzz/regressions/nifti_decode") {
+        let path = entry.unwrap().path();
+        let name = path.display().to_string();
+        let result = decode_no_panic(&std::fs::read(&path).unwrap(), &name);
+        assert!(
+            result.is_err(),
+            "{name} decoded: {:?}",
+            result.map(|v| v.geometry.shape)
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no regression inputs in {}", dir.display());
 }
