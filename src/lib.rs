@@ -171,6 +171,18 @@ fn release_free_heap() {
     }
 }
 
+/// Makes glibc use a single malloc arena. With one arena per thread (tokio, blocking pool, tract's pool),
+/// `malloc_trim` empties the main heap but leaves freed memory at the top of the other arenas, and RSS stayed
+/// 56-88 MiB above its idle level after a load test; with one arena it returns to within 1 MiB, with no
+/// measurable cost to a click (the network's buffers are few and large). Call it first thing in `main`.
+pub fn use_one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tunable; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

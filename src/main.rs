@@ -1,9 +1,13 @@
 use clap::Parser;
 use deepgrow_server::config::Config;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread allocates: one malloc arena, so freed memory can be handed back (see the function).
+    deepgrow_server::use_one_malloc_arena();
     let config = Config::parse();
     deepgrow_server::init_logging(config.log_format);
-    deepgrow_server::run(config).await
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(deepgrow_server::run(config))
 }
