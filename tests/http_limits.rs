@@ -91,7 +91,7 @@ fn a_stalled_upload_gets_408_at_the_body_timeout() {
     let addr = server.addr;
     let request = click_request(addr);
     // Headers and a first part of the body, then silence.
-    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head_end = head_length(&request);
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.write_all(&request[..head_end + 1000]).unwrap();
     stream
@@ -113,7 +113,7 @@ fn a_trickled_upload_gets_408_at_the_request_timeout() {
     );
     let addr = server.addr;
     let request = click_request(addr);
-    let head_end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head_end = head_length(&request);
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.write_all(&request[..head_end]).unwrap();
     let mut writer = stream.try_clone().unwrap();

@@ -363,6 +363,11 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Length of a raw request's head (request line and headers, through the blank line).
+pub fn head_length(request: &[u8]) -> usize {
+    find(request, b"\r\n\r\n").expect("a request head") + 4
+}
+
 /// Writes `request` (from a second thread, so an early reply cannot deadlock) and reads the whole reply.
 pub fn send_raw(addr: SocketAddr, request: Vec<u8>) -> Reply {
     let mut stream = TcpStream::connect(addr).expect("connect");
