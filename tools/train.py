@@ -3,7 +3,9 @@
 
 Data: every labelled CT volume in --data-dir (imagesTr/X.nii.gz + labelsTr/X.nii.gz). Every non-zero label id on
 a slice is a separate binary target (deepgrow is class-agnostic). The case --val-case (default
-totalseg_example_ct_dicom) is held out for validation and is never trained on.
+totalseg_example_ct_sm: the only one with liver, spleen and both kidneys) is held out for validation and is never
+trained on. Training samples are drawn per structure (case, label id), weighted by the square root of its mean area,
+then one of its slices.
 
 Pre-processing is the serving pipeline (config.json "pipeline"), done with MONAI's transforms:
   volume (H, W, D) -> slice axis first (EnsureChannelFirstd(channel_dim=-1), as AsChannelFirstd at inference)
@@ -11,9 +13,17 @@ Pre-processing is the serving pipeline (config.json "pipeline"), done with MONAI
   -> SpatialCropForegroundd(crop_size) -> Resized(model_size, area / nearest) -> (x - 208) / 308
   -> AddInitialSeedPointd -> AddGuidanceSignald(sigma 2).
 No RAS reorientation (unlike monai.apps.deepgrow.dataset.create_dataset): the server does not reorient either.
-Random flips of both in-plane axes stand in for the orientations seen in practice (--no-augment turns them off).
+Augmentation on the 1 mm slice, before the crop (--no-augment turns it off): the 8 in-plane orientations (flips and
+a transpose, since the server sees volumes in their stored order), a smaller field of view around the object (so that
+the crop + resize stretches it, as the server does with small images), loss of in-plane resolution (down- then
+up-sampling, as for 3 mm data), and small intensity shifts, scalings and noise.
 
-Click simulation is MONAI's Deepgrow one: monai.apps.deepgrow.interaction.Interaction with
+Cost on 2 CPU cores: with --patch-size, steps before --patch-until run every click round and the update on a random
+patch of the network input that contains the object (the network is fully convolutional); later steps use the
+whole 512 x 512 input, so that the InstanceNorm statistics of the served input are the ones trained on last.
+--bf16 runs the forward passes under CPU bf16 autocast (weights and optimizer stay float32).
+
+Click simulation is MONAI's Deepgrow one (monai.apps.deepgrow.interaction.Interaction, run by simulate_clicks) with
 Activationsd(sigmoid) -> FindDiscrepancyRegionsd -> AddRandomGuidanced -> AddGuidanceSignald, up to
 --max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True), Adam lr 1e-4.
 
@@ -49,7 +59,7 @@ import deepgrow_model as dm  # noqa: E402
 
 ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}  # TotalSegmentator "total" ids
 DEFAULT_DATA = Path("/work/shared/data/ct_labeled")
-DEFAULT_VAL_CASE = "totalseg_example_ct_dicom"
+DEFAULT_VAL_CASE = "totalseg_example_ct_sm"
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -129,24 +139,93 @@ def sample_dict(cases: dict, sample: tuple[str, int, int]) -> dict:
 # ------------------------------------------------------------------------------------------------ transforms
 
 def pre_transforms(args, train: bool):
+    """The serving pipeline's crop, resize and normalisation, then (after the optional training patch) the first
+    click. Returns (geometry, clicks): two Composes, applied in that order."""
     from monai.apps.deepgrow.transforms import AddGuidanceSignald, AddInitialSeedPointd, SpatialCropForegroundd
-    from monai.transforms import Compose, DeleteItemsd, EnsureTyped, NormalizeIntensityd, RandFlipd, Resized, ToNumpyd
+    from monai.transforms import Compose, DeleteItemsd, EnsureTyped, NormalizeIntensityd, Resized, ToNumpyd
 
     keys = ["image", "label"]
-    t = []
-    if train and args.augment:
-        t += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1)]
-    t += [
+    geometry = Compose([
         SpatialCropForegroundd(keys=keys, source_key="label", spatial_size=args.crop_size),
         Resized(keys=keys, spatial_size=args.model_size, mode=["area", "nearest"]),
         NormalizeIntensityd(keys="image", subtrahend=args.subtrahend, divisor=args.divisor),
         ToNumpyd(keys=keys),
+    ])
+    first_click = Compose([
         AddInitialSeedPointd(label="label", guidance="guidance"),
         AddGuidanceSignald(image="image", guidance="guidance", sigma=args.sigma),
         DeleteItemsd(keys=["image_meta_dict", "label_meta_dict"]),
         EnsureTyped(keys=keys, track_meta=False),
-    ]
-    return Compose(t)
+    ])
+    return geometry, first_click
+
+
+def apply_pre(transforms, d: dict, seed: int, rng: np.random.Generator | None = None, patch: int = 0) -> dict:
+    """geometry -> (a random patch of `patch` x `patch` that holds part of the object, if patch) -> first click."""
+    geometry, first_click = transforms
+    geometry.set_random_state(seed=seed)
+    first_click.set_random_state(seed=seed + 1)
+    d = geometry(d)
+    if patch:
+        d = random_patch(d, patch, rng)
+    return first_click(d)
+
+
+def augment(d: dict, rng: np.random.Generator) -> dict:
+    """Training augmentation of one (1, H, W) slice at 1 mm and its binary label (see the module docstring)."""
+    image, label = d["image"], d["label"]
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    if rng.random() < 0.5:
+        image, label = image[:, :, ::-1], label[:, :, ::-1]
+    if rng.random() < 0.5:
+        image, label = image.transpose(0, 2, 1), label.transpose(0, 2, 1)
+    if rng.random() < 0.4:
+        # a smaller field of view that still holds the object and the crop margin
+        box = []
+        for axis in (0, 1):
+            nz = np.nonzero(label[0].any(axis=1 - axis))[0]
+            n = label.shape[axis + 1]
+            lo_max = max(int(nz[0]) - 20, 0)
+            hi_min = min(int(nz[-1]) + 21, n)
+            lo = int(rng.integers(0, lo_max + 1))
+            hi = int(rng.integers(hi_min, n + 1))
+            box.append((lo, hi))
+        (y0, y1), (x0, x1) = box
+        image, label = image[:, y0:y1, x0:x1], label[:, y0:y1, x0:x1]
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    label = np.ascontiguousarray(label, dtype=np.float32)
+    if rng.random() < 0.25 and min(image.shape[1:]) >= 32:
+        # coarser in-plane resolution (e.g. 1.5-3 mm data resampled to 1 mm)
+        f = rng.uniform(1.5, 3.2)
+        t = torch.from_numpy(image)[None]
+        small = torch.nn.functional.interpolate(
+            t, size=[max(8, round(n / f)) for n in image.shape[1:]], mode="area")
+        image = torch.nn.functional.interpolate(
+            small, size=list(image.shape[1:]), mode="bilinear", align_corners=False)[0].numpy()
+    if rng.random() < 0.5:
+        image = image * np.float32(rng.uniform(0.92, 1.08)) + np.float32(rng.uniform(-25.0, 25.0))
+    if rng.random() < 0.2:
+        image = image + rng.normal(0.0, rng.uniform(2.0, 20.0), image.shape).astype(np.float32)
+    return {**d, "image": image.astype(np.float32), "label": label}
+
+
+def random_patch(d: dict, patch: int, rng: np.random.Generator) -> dict:
+    """A patch x patch window of the network input around a random object pixel (jittered by a quarter patch)."""
+    label = np.asarray(d["label"])
+    ys, xs = np.nonzero(label[0] > 0.5)
+    k = int(rng.integers(len(ys)))
+    window = []
+    for c, n in ((int(ys[k]), label.shape[1]), (int(xs[k]), label.shape[2])):
+        size = min(patch, n)
+        start = c - size // 2 + int(rng.integers(-(patch // 4), patch // 4 + 1))
+        start = min(max(start, 0), n - size)
+        start = min(start, c)  # the chosen object pixel stays inside
+        start = max(start, c - size + 1)
+        window.append(slice(start, start + size))
+    sl = (slice(None), *window)
+    return {**d, "image": np.ascontiguousarray(np.asarray(d["image"])[sl]),
+            "label": np.ascontiguousarray(label[sl])}
 
 
 def click_transforms(args):
@@ -164,23 +243,37 @@ def click_transforms(args):
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Item g of an endless, seeded stream: sample order[g % N] of epoch g // N, transformed with seed (seed, g)."""
+    """Item g of an endless, seeded stream: a structure (case, label id) is drawn with probability proportional to the
+    square root of its mean area, then one of its slices; augmentation, patch and first click are seeded by (seed, g). Items of steps before
+    `patch_until` are patches of `patch_size` (0: the whole network input)."""
 
-    def __init__(self, cases, samples, transforms, seed: int):
-        self.cases, self.samples, self.transforms, self.seed = cases, samples, transforms, seed
-        self._perm_epoch, self._perm = -1, None
+    def __init__(self, cases, samples, transforms, seed: int, augment: bool = True, patch_size: int = 0,
+                 patch_until: int = 0, batch_size: int = 1):
+        self.cases, self.transforms, self.seed, self.augment = cases, transforms, seed, augment
+        self.patch_size, self.patch_until, self.batch_size = patch_size, patch_until, batch_size
+        by_structure: dict[tuple[str, int], list] = {}
+        for sample in samples:
+            by_structure.setdefault((sample[0], sample[2]), []).append(sample)
+        self.structures = [by_structure[k] for k in sorted(by_structure)]
+        # sqrt of the mean area: large organs (long boundaries, the hard cases) are drawn more often than the many
+        # small ribs and vessels, without drowning them
+        areas = [np.mean([(cases[c][1][sl] == r).sum() for c, sl, r in group]) for group in self.structures]
+        weights = np.sqrt(np.asarray(areas, dtype=np.float64))
+        self.structure_p = weights / weights.sum()
 
     def __len__(self):
-        return len(self.samples)
+        return sum(len(s) for s in self.structures)
+
+    def patch_for(self, g: int) -> int:
+        return self.patch_size if g // self.batch_size < self.patch_until else 0
 
     def __getitem__(self, g: int):
-        n = len(self.samples)
-        epoch = g // n
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-            self._perm_epoch = epoch
-        self.transforms.set_random_state(seed=int(np.random.default_rng([self.seed, g, 1]).integers(2**31)))
-        return self.transforms(sample_dict(self.cases, self.samples[self._perm[g % n]]))
+        rng = np.random.default_rng([self.seed, g])
+        group = self.structures[int(rng.choice(len(self.structures), p=self.structure_p))]
+        d = sample_dict(self.cases, group[int(rng.integers(len(group)))])
+        if self.augment:
+            d = augment(d, rng)
+        return apply_pre(self.transforms, d, int(rng.integers(2**31)), rng, self.patch_for(g))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -237,8 +330,7 @@ def evaluate(net, cases, samples, args, device, clicks=(1, 3, 5, 10), batch_size
     for b0 in range(0, len(samples), batch_size):
         items = []
         for i in range(b0, min(b0 + batch_size, len(samples))):
-            pre.set_random_state(seed=args.seed * 7919 + i)
-            items.append(pre(sample_dict(cases, samples[i])))
+            items.append(apply_pre(pre, sample_dict(cases, samples[i]), args.seed * 7919 + i))
             regions.append(samples[i][2])
         for k in range(1, kmax + 1):
             batch = list_data_collate(items)
@@ -282,31 +374,40 @@ def print_report(report: dict, clicks) -> None:
 
 # ------------------------------------------------------------------------------------------------ training
 
-class _Engine:
-    """The members of an ignite engine that monai.apps.deepgrow.interaction.Interaction uses, without ignite."""
+def autocast(args, device):
+    """bf16 autocast for the forward passes on CPU with --bf16 (fp16 autocast on CUDA with --amp)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", enabled=args.amp)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
-    def __init__(self, network, device, step_fn):
-        from monai.engines.utils import default_prepare_batch
-        from monai.inferers import SimpleInferer
 
-        self.network, self.amp, self.inferer = network, False, SimpleInferer()
-        self.state = SimpleNamespace(device=device)
-        self._prepare, self._step_fn = default_prepare_batch, step_fn
-
-    def prepare_batch(self, batchdata):
-        return self._prepare(batchdata)
-
-    def fire_event(self, event):
-        pass
-
-    def _iteration(self, engine, batchdata):
-        return self._step_fn(batchdata)
+def simulate_clicks(net, items: list[dict], clicks, args, device, rng: np.random.Generator) -> list[dict]:
+    """MONAI's Deepgrow click simulation (monai.apps.deepgrow.interaction.Interaction, train=True): in round j of
+    --max-interactions, each sample gets a click with probability 1 - j / max_interactions, placed by
+    FindDiscrepancyRegionsd + AddRandomGuidanced in its largest error region of the network's current prediction.
+    Equivalent, but only the samples that click this round are run through the network (the others' inputs, and
+    so their predictions, do not change)."""
+    n_rounds = args.max_interactions
+    net.eval()
+    for j in range(n_rounds):
+        p = 1.0 - j / n_rounds
+        clicking = [i for i in range(len(items)) if rng.random() < p]
+        if not clicking:
+            continue
+        x = torch.stack([torch.as_tensor(items[i]["image"]) for i in clicking]).to(device)
+        with torch.no_grad(), autocast(args, device):
+            logits = net(x).float().cpu()
+        for k, i in enumerate(clicking):
+            d = dict(items[i])
+            d["pred"], d["probability"] = logits[k], 1.0
+            clicks.set_random_state(seed=int(rng.integers(2**31)))
+            d = clicks(d)
+            items[i] = {key: d[key] for key in ("image", "label", "guidance")}
+    return items
 
 
 def train(args) -> int:
-    from monai.apps.deepgrow.interaction import Interaction
     from monai.data import list_data_collate
-    from monai.engines.utils import default_prepare_batch
     from monai.losses import DiceLoss
 
     seed_all(args.seed)
@@ -323,9 +424,16 @@ def train(args) -> int:
     train_cases = {n: cases[n] for n in train_names}
     val_cases = {args.val_case: cases[args.val_case]}
     train_samples = make_samples(train_cases, args.min_area)
-    val_samples = make_samples(val_cases, args.min_area, set(ORGANS))[: args.val_limit or None]
-    print(f"device {device}; train cases {train_names}: {len(train_samples)} (slice, region) samples; "
-          f"validation {args.val_case}: {len(val_samples)} organ samples", flush=True)
+    val_samples = make_samples(val_cases, args.min_area, set(ORGANS))
+    if args.val_limit and len(val_samples) > args.val_limit:
+        # an evenly spread, fixed subset (every organ keeps some slices)
+        val_samples = [val_samples[int(i)] for i in np.linspace(0, len(val_samples) - 1, args.val_limit)]
+    ds = SliceDataset(train_cases, train_samples, pre_transforms(args, train=True), args.seed,
+                      augment=args.augment, patch_size=args.patch_size, patch_until=args.patch_until,
+                      batch_size=args.batch_size)
+    print(f"device {device}; train cases {train_names}: {len(train_samples)} (slice, region) samples in "
+          f"{len(ds.structures)} structures; validation {args.val_case}: {len(val_samples)} organ samples",
+          flush=True)
 
     net = dm.build_net(seed=args.seed).to(device)
     assert dm.count_params(net) == dm.EXPECTED_PARAMS
@@ -345,22 +453,23 @@ def train(args) -> int:
         print(f"already at step {step} >= --steps {args.steps}")
         return 0
 
-    ds = SliceDataset(train_cases, train_samples, pre_transforms(args, train=True), args.seed)
-    sampler = range(step * args.batch_size, args.steps * args.batch_size)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-        collate_fn=list_data_collate, persistent_workers=args.workers > 0,
-    )
     clicks = click_transforms(args)
     use_amp = args.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-
-    def step_fn(batch):
-        x, y = default_prepare_batch(batch, device)
+    log = open(work / "train_log.jsonl", "a")
+    t0 = time.time()
+    while step < args.steps:
+        g0 = step * args.batch_size
+        items = [ds[g] for g in range(g0, g0 + args.batch_size)]
+        items = [{key: d[key] for key in ("image", "label", "guidance")} for d in items]
+        items = simulate_clicks(net, items, clicks, args, device, np.random.default_rng([args.seed, step, 2]))
+        batch = list_data_collate(items)
+        x, y = batch["image"].to(device), batch["label"].to(device)
         net.train()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", enabled=use_amp):
-            loss = loss_fn(net(x), y)
+        with autocast(args, device):
+            out = net(x)
+        loss = loss_fn(out.float(), y)
         if scaler:
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -368,18 +477,8 @@ def train(args) -> int:
         else:
             loss.backward()
             opt.step()
-        return float(loss.detach())
-
-    engine = _Engine(net, device, step_fn)
-    engine.amp = use_amp
-    interaction = Interaction(transforms=clicks, max_interactions=args.max_interactions, train=True)
-    log = open(work / "train_log.jsonl", "a")
-    t0 = time.time()
-    for batch in loader:
-        clicks.set_random_state(seed=int(np.random.default_rng([args.seed, step, 2]).integers(2**31)))
-        loss = interaction(engine, batch)
         step += 1
-        rec = {"step": step, "loss": loss, "sec": round(time.time() - t0, 3)}
+        rec = {"step": step, "loss": float(loss.detach()), "size": int(x.shape[-1]), "sec": round(time.time() - t0, 3)}
         if step % args.log_every == 0 or step == args.steps:
             print(json.dumps(rec), flush=True)
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and val_samples:
@@ -490,7 +589,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--amp", action="store_true", help="mixed precision on CUDA")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes on CPU")
+    g.add_argument("--patch-size", type=int, default=0,
+                   help="train on patches of this size of the network input (0: the whole input)")
+    g.add_argument("--patch-until", type=int, default=0, help="use --patch-size for steps before this one")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
     g = ap.add_argument_group("eval")
@@ -508,6 +610,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.model_size, args.crop_size = [64, 64], [64, 64]
         args.batch_size, args.max_interactions = 2, 3
+        args.patch_size, args.patch_until = args.patch_size or 32, args.patch_until or 2
         args.steps = args.steps if args.steps != 20000 else 4
         args.ckpt_every, args.val_every, args.val_limit, args.log_every = 2, 2, 4, 1
         args.eval_limit = args.eval_limit or 6
