@@ -1,8 +1,9 @@
 //! Per-operator profile of a model as tract runs it (after `into_optimized`), timed in-process around each
 //! node's evaluation: where the network's time goes, by op kind and by node.
 //!
-//! Run: `cargo bench --bench tract_profile -- [model.onnx] [threads] [runs] [size]`
-//! (defaults: the bundled model, 2 threads, 5 timed runs after one warm-up, 512 x 512 input).
+//! Run: `cargo bench --bench tract_profile -- [model.onnx] [threads] [runs] [size] [fast|tract]`
+//! (defaults: the bundled model, 2 threads, 5 timed runs after one warm-up, 512 x 512 input, the server's
+//! default fast kernels; `tract` profiles the unmodified graph).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -25,8 +26,16 @@ fn main() -> TractResult<()> {
 
     let size: usize = args.get(3).map_or(Ok(512), |a| a.parse())?;
     let shape = [1, 3, size, size];
-    let model = tract_onnx::onnx()
-        .model_for_path(&path)?
+    let fast = args.get(4).map_or(true, |k| k != "tract");
+    let mut onnx = tract_onnx::onnx();
+    let mut proto = onnx.proto_model_for_path(&path)?;
+    if fast {
+        let report = deepgrow_server::engine::fast::rewrite(&mut proto);
+        println!("fast kernels: {report:?}");
+        deepgrow_server::engine::fast::register(&mut onnx.op_register);
+    }
+    let model = onnx
+        .model_for_proto_model(&proto)?
         .with_input_fact(0, f32::fact(shape).into())?
         .into_optimized()?;
     let plan = SimplePlan::new(model)?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::engine::Kernels;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -42,6 +44,11 @@ pub struct Config {
     /// Threads one inference may use (tract's executor); defaults to the number of cores.
     #[arg(long, env = "DEEPGROW_INFERENCE_THREADS")]
     pub inference_threads: Option<usize>,
+
+    /// Kernels for the network: `fast` (Winograd convolutions and fused layers on top of tract) or `tract`
+    /// (tract's own, the unmodified graph).
+    #[arg(long, env = "DEEPGROW_KERNELS", value_enum, default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
 
     /// Largest accepted request body in bytes (uploads are whole CT volumes).
     #[arg(long, env = "DEEPGROW_MAX_UPLOAD_BYTES", default_value_t = 1 << 30)]

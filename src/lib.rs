@@ -44,12 +44,13 @@ pub fn load_models(config: &Config) -> anyhow::Result<Registry> {
     let threads = config.inference_threads();
     let registry = Registry::load(&config.models_dir, |path, input_size| {
         let start = Instant::now();
-        let engine = TractEngine::load(path, input_size, threads)?;
+        let engine = TractEngine::load(path, input_size, threads, config.kernels)?;
         let loaded = start.elapsed();
         let [h, w] = input_size;
         engine.infer(Array4::zeros((1, 3, h, w)))?;
         tracing::info!(
             path = %path.display(),
+            kernels = ?engine.kernels(),
             load_ms = loaded.as_millis() as u64,
             warmup_ms = (start.elapsed() - loaded).as_millis() as u64,
             "model optimised and warmed up"

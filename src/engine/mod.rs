@@ -1,11 +1,22 @@
 //! The inference engine behind a small trait: the tract implementation for serving, a fake for API tests.
 //! No tract type leaves this module.
 
+pub mod fast;
 mod tract;
 
 use ndarray::{Array2, Array4};
 
 pub use self::tract::TractEngine;
+
+/// Which kernels run the network's layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kernels {
+    /// The convolution layers on this crate's fast ops (Winograd 3 × 3 convolutions, fused norms), the rest
+    /// on tract; falls back to `tract` for a graph they cannot take.
+    Fast,
+    /// tract's own kernels for every layer (the unmodified graph).
+    Tract,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

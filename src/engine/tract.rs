@@ -7,7 +7,7 @@ use ndarray::{Array2, Array4, Ix2};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-use super::{Engine, EngineError};
+use super::{fast, Engine, EngineError, Kernels};
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -15,22 +15,34 @@ pub struct TractEngine {
     plan: Plan,
     executor: Executor,
     input_size: [usize; 2],
+    kernels: Kernels,
 }
 
 impl TractEngine {
     /// Loads `model.onnx` for input `(1, 3, H, W)`, optimises it and builds a pool of `threads` for its kernels.
-    pub fn load(path: &Path, input_size: [usize; 2], threads: usize) -> Result<Self, EngineError> {
+    /// With [`Kernels::Fast`], the graph's convolution layers are first rewritten onto the fast ops; a graph
+    /// they cannot take is loaded as it is, with a warning.
+    pub fn load(
+        path: &Path,
+        input_size: [usize; 2],
+        threads: usize,
+        kernels: Kernels,
+    ) -> Result<Self, EngineError> {
         let load_error = |e: TractError| EngineError::Load {
             path: path.display().to_string(),
             reason: format!("{e:#}"),
         };
-        let [h, w] = input_size;
-        let plan = tract_onnx::onnx()
-            .model_for_path(path)
-            .and_then(|model| model.with_input_fact(0, f32::fact([1, 3, h, w]).into()))
-            .and_then(|model| model.into_optimized())
-            .and_then(|model| model.into_runnable())
-            .map_err(load_error)?;
+        let plan = match kernels {
+            Kernels::Tract => Self::plan(path, input_size, false).map_err(load_error)?,
+            Kernels::Fast => match Self::plan(path, input_size, true) {
+                Ok(plan) => plan,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), error = %format!("{error:#}"),
+                        "the fast kernels cannot run this model; using tract's own");
+                    return Self::load(path, input_size, threads, Kernels::Tract);
+                }
+            },
+        };
         // A private pool: tract's "multithread(1)" would still use rayon's global pool.
         let executor = if threads > 1 {
             Executor::multithread(threads)
@@ -41,7 +53,30 @@ impl TractEngine {
             plan,
             executor,
             input_size,
+            kernels,
         })
+    }
+
+    fn plan(path: &Path, [h, w]: [usize; 2], fast_kernels: bool) -> TractResult<Plan> {
+        let mut onnx = tract_onnx::onnx();
+        let mut proto = onnx.proto_model_for_path(path)?;
+        if fast_kernels {
+            let report = fast::rewrite(&mut proto);
+            if report.replaced() == 0 {
+                return Err(anyhow::anyhow!("no layer the fast kernels implement"));
+            }
+            tracing::debug!(path = %path.display(), ?report, "graph rewritten onto the fast kernels");
+            fast::register(&mut onnx.op_register);
+        }
+        onnx.model_for_proto_model(&proto)?
+            .with_input_fact(0, f32::fact([1, 3, h, w]).into())?
+            .into_optimized()?
+            .into_runnable()
+    }
+
+    /// The kernels this engine ended up with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 }
 

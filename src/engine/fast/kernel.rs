@@ -1,0 +1,204 @@
+//! The one matrix-multiply micro-kernel every fast op runs: a block of `MR` rows by 32 output channels,
+//! `dst[t][0..32] = bias + Σ_c v[t][c] · u[c][0..32]`, with `u` a packed panel of 32 output channels.
+//!
+//! Rows of `v` are read with a stride (rows of an NHWC tensor, or of a Winograd buffer), so nothing is packed
+//! on the activation side. The AVX-512 version holds 14 × 2 accumulators in registers; the portable version
+//! (also used where AVX-512 is missing) computes the same sums in the same order.
+
+/// Output channels of one packed weight panel.
+pub const NR: usize = 32;
+/// Rows computed per kernel call.
+pub const MR: usize = 14;
+
+/// Packs `w[k][c]` (row-major `k_count × c_count`, any strides given by `at`) into panels of `NR` output
+/// channels: `out[panel][c][NR]`, zero-padded past `k_count`.
+pub fn pack_panels(k_count: usize, c_count: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let panels = k_count.div_ceil(NR);
+    let mut out = vec![0f32; panels * c_count * NR];
+    for k in 0..k_count {
+        let (p, lane) = (k / NR, k % NR);
+        for c in 0..c_count {
+            out[(p * c_count + c) * NR + lane] = at(k, c);
+        }
+    }
+    out
+}
+
+/// A block of rows for [`run`]: `rows` rows starting at `v`, `v_stride` floats apart; each of the `MR`
+/// rows from `v` must be readable (rows past `rows` are computed and dropped).
+#[derive(Clone, Copy)]
+pub struct Rows {
+    pub v: *const f32,
+    pub v_stride: usize,
+    pub rows: usize,
+}
+
+/// Where the block's results go: row `t` at `dst + t * dst_stride`, `NR` floats (or fewer with `lanes`).
+#[derive(Clone, Copy)]
+pub struct Dst {
+    pub ptr: *mut f32,
+    pub stride: usize,
+    /// Output channels to store of the `NR` (the last panel of a layer may be partial).
+    pub lanes: usize,
+}
+
+/// Computes one `MR × NR` block over `depth` input channels from the panel `u` (`depth × NR` floats), adding
+/// `bias` (`NR` floats) when given.
+///
+/// # Safety
+/// `rows.v` must be valid for `MR` rows of `depth` floats at `rows.v_stride`, `u` for `depth * NR` floats,
+/// `dst` for `rows.rows` rows of `dst.lanes` floats, and `bias`, when given, for `NR` floats.
+#[inline]
+pub unsafe fn run(depth: usize, rows: Rows, u: *const f32, bias: Option<&[f32; NR]>, dst: Dst) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return x86::kernel_avx512(depth, rows, u, bias, dst);
+    }
+    portable(depth, rows, u, bias, dst)
+}
+
+#[inline]
+unsafe fn store(acc: &[[f32; NR]; MR], rows: usize, dst: Dst) {
+    for (t, row) in acc.iter().enumerate().take(rows.min(MR)) {
+        std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr.add(t * dst.stride), dst.lanes);
+    }
+}
+
+unsafe fn portable(depth: usize, rows: Rows, u: *const f32, bias: Option<&[f32; NR]>, dst: Dst) {
+    let mut acc = [bias.copied().unwrap_or([0.0; NR]); MR];
+    for c in 0..depth {
+        let panel = std::slice::from_raw_parts(u.add(c * NR), NR);
+        for (t, row) in acc.iter_mut().enumerate() {
+            let x = *rows.v.add(t * rows.v_stride + c);
+            for (a, w) in row.iter_mut().zip(panel) {
+                // no mul_add: without hardware FMA it is a slow library call
+                *a += x * *w;
+            }
+        }
+    }
+    store(&acc, rows.rows, dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Dst, Rows, MR, NR};
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel_avx512(
+        depth: usize,
+        rows: Rows,
+        u: *const f32,
+        bias: Option<&[f32; NR]>,
+        dst: Dst,
+    ) {
+        let (b0, b1) = match bias {
+            Some(b) => (
+                _mm512_loadu_ps(b.as_ptr()),
+                _mm512_loadu_ps(b.as_ptr().add(16)),
+            ),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        let mut acc = [[b0, b1]; MR];
+        // Two row bases so that every row address is base + index * {0, 1, 2, 4} + c.
+        let s = rows.v_stride;
+        let v0 = rows.v;
+        let v7 = rows.v.add(7 * s);
+        let mut up = u;
+        for c in 0..depth {
+            let u0 = _mm512_loadu_ps(up);
+            let u1 = _mm512_loadu_ps(up.add(16));
+            up = up.add(NR);
+            macro_rules! row {
+                ($t:expr, $base:expr, $off:expr) => {{
+                    let x = _mm512_set1_ps(*$base.add($off + c));
+                    acc[$t][0] = _mm512_fmadd_ps(x, u0, acc[$t][0]);
+                    acc[$t][1] = _mm512_fmadd_ps(x, u1, acc[$t][1]);
+                }};
+            }
+            row!(0, v0, 0);
+            row!(1, v0, s);
+            row!(2, v0, 2 * s);
+            row!(3, v0, 3 * s);
+            row!(4, v0, 4 * s);
+            row!(5, v0, 5 * s);
+            row!(6, v0, 6 * s);
+            row!(7, v7, 0);
+            row!(8, v7, s);
+            row!(9, v7, 2 * s);
+            row!(10, v7, 3 * s);
+            row!(11, v7, 4 * s);
+            row!(12, v7, 5 * s);
+            row!(13, v7, 6 * s);
+        }
+        let n = rows.rows.min(MR);
+        if dst.lanes == NR {
+            for (t, a) in acc.iter().enumerate().take(n) {
+                let p = dst.ptr.add(t * dst.stride);
+                _mm512_storeu_ps(p, a[0]);
+                _mm512_storeu_ps(p.add(16), a[1]);
+            }
+        } else {
+            let mut out = [[0f32; NR]; MR];
+            for (o, a) in out.iter_mut().zip(&acc) {
+                _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+            }
+            super::store(&out, n, dst);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_matches_naive_sums_with_bias_partial_rows_and_lanes() {
+        let depth = 37;
+        let k_count = 20; // one partial panel
+        let v: Vec<f32> = (0..MR * 41)
+            .map(|i| ((i * 7919) % 97) as f32 / 31.0 - 1.5)
+            .collect();
+        let w = |k: usize, c: usize| ((k * 31 + c * 17) % 23) as f32 / 11.0 - 1.0;
+        let u = pack_panels(k_count, depth, w);
+        let bias: [f32; NR] = std::array::from_fn(|k| k as f32 * 0.25);
+        for rows in [MR, 5] {
+            let mut out = vec![f32::NAN; MR * 24];
+            unsafe {
+                run(
+                    depth,
+                    Rows {
+                        v: v.as_ptr(),
+                        v_stride: 41,
+                        rows,
+                    },
+                    u.as_ptr(),
+                    Some(&bias),
+                    Dst {
+                        ptr: out.as_mut_ptr(),
+                        stride: 24,
+                        lanes: k_count,
+                    },
+                );
+            }
+            for t in 0..MR {
+                for k in 0..24 {
+                    let got = out[t * 24 + k];
+                    if t >= rows || k >= k_count {
+                        assert!(got.is_nan(), "row {t} lane {k} written");
+                        continue;
+                    }
+                    let want = (0..depth).fold(bias[k] as f64, |a, c| {
+                        a + v[t * 41 + c] as f64 * w(k, c) as f64
+                    });
+                    assert!(
+                        (got as f64 - want).abs() < 1e-4,
+                        "row {t} lane {k}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! 3 × 3 convolution (stride 1, zero padding 1) by Winograd's minimal filtering F(m × m, 3 × 3) (Lavin & Gray,
+//! 2016) on NHWC tensors: each m × m output tile costs (m + 2)² multiplies per channel pair instead of 9 m², a
+//! quarter of the direct convolution's for F(4, 3).
+//!
+//! Per block of tiles: the input transform `V = Bᵀ d B` (vectorised over 16 channels) writes one row per tile,
+//! [`kernel`] multiplies each of the (m + 2)² planes of V with the pre-transformed weights `U = G g Gᵀ`, and the
+//! output transform `Y = Aᵀ M A` adds the bias, writes the tile and sums each channel for the instance norm.
+//! Several inputs are read as one (their channels concatenated), so a Concat in front of the convolution costs
+//! nothing. The transform points are (0, ±1, ±2, ∞), whose float32 error is measured against the direct
+//! convolution in the tests below and against the unmodified model in `tests/fast_engine.rs`.
+
+use super::kernel::{self, Dst, Rows, MR, NR};
+use super::parallel::{Parallel, SyncPtr};
+
+/// SIMD lanes of the transforms (channels processed together).
+const L: usize = 16;
+
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+const G2: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+
+/// Output tile size m of F(m × m, 3 × 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tile {
+    F2,
+    F4,
+}
+
+impl Tile {
+    pub fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+    fn alpha(self) -> usize {
+        self.m() + 2
+    }
+}
+
+/// A 3 × 3 convolution's weights in the Winograd domain, packed for [`kernel`]:
+/// `u[ξ][panel][c][NR]` for each of the (m + 2)² transform planes ξ.
+#[derive(Debug)]
+pub struct Conv3x3 {
+    tile: Tile,
+    c_in: usize,
+    k_out: usize,
+    panels: usize,
+    u: Vec<f32>,
+    /// Zero-padded to whole panels.
+    bias: Vec<f32>,
+}
+
+/// Per-channel sums of a convolution's output (for the instance norm that follows it).
+pub struct ChannelSums {
+    pub sum: Vec<f64>,
+    pub sum_sq: Vec<f64>,
+}
+
+impl Conv3x3 {
+    /// `weights` is ONNX's `[k_out][c_in][3][3]`, `bias` has `k_out` values. The transform is computed in f64.
+    pub fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
+        assert_eq!(weights.len(), k_out * c_in * 9);
+        assert_eq!(bias.len(), k_out);
+        let alpha = tile.alpha();
+        let g: &[[f64; 3]] = match tile {
+            Tile::F2 => &G2,
+            Tile::F4 => &G4,
+        };
+        // U[ξ = i·α + j][k][c] = Σ_{a,b} G[i][a] g[k][c][a][b] G[j][b]
+        let mut u_dense = vec![0f32; alpha * alpha * k_out * c_in];
+        for k in 0..k_out {
+            for c in 0..c_in {
+                let w = &weights[(k * c_in + c) * 9..][..9];
+                for i in 0..alpha {
+                    for j in 0..alpha {
+                        let mut acc = 0f64;
+                        for a in 0..3 {
+                            for b in 0..3 {
+                                acc += g[i][a] * w[a * 3 + b] as f64 * g[j][b];
+                            }
+                        }
+                        u_dense[((i * alpha + j) * k_out + k) * c_in + c] = acc as f32;
+                    }
+                }
+            }
+        }
+        let panels = k_out.div_ceil(NR);
+        let mut u = Vec::with_capacity(alpha * alpha * panels * c_in * NR);
+        for xi in 0..alpha * alpha {
+            let plane = &u_dense[xi * k_out * c_in..][..k_out * c_in];
+            u.extend(kernel::pack_panels(k_out, c_in, |k, c| plane[k * c_in + c]));
+        }
+        let mut bias = bias.to_vec();
+        bias.resize(panels * NR, 0.0);
+        Conv3x3 {
+            tile,
+            c_in,
+            k_out,
+            panels,
+            u,
+            bias,
+        }
+    }
+
+    pub fn k_out(&self) -> usize {
+        self.k_out
+    }
+
+    pub fn c_in(&self) -> usize {
+        self.c_in
+    }
+
+    pub fn tile(&self) -> Tile {
+        self.tile
+    }
+
+    /// Bytes held (the transformed weights grow with (m + 2)² / 9).
+    pub fn weight_bytes(&self) -> usize {
+        self.u.len() * 4
+    }
+
+    /// Convolves the channel-concatenation of `inputs` (each NHWC `h × w × channels`) into `out`
+    /// (NHWC `h × w × k_out`), bias included, and returns the per-channel sums of `out`.
+    pub fn run(
+        &self,
+        inputs: &[(&[f32], usize)],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        par: &Parallel,
+    ) -> ChannelSums {
+        assert_eq!(inputs.iter().map(|i| i.1).sum::<usize>(), self.c_in);
+        for (data, c) in inputs {
+            assert_eq!(data.len(), h * w * c);
+        }
+        assert_eq!(out.len(), h * w * self.k_out);
+        let m = self.tile.m();
+        let alpha2 = self.tile.alpha().pow(2);
+        let geometry = Geometry {
+            h,
+            w,
+            tiles_w: w.div_ceil(m),
+            tiles: h.div_ceil(m) * w.div_ceil(m),
+        };
+        let kp = self.panels * NR;
+        // Tiles per block: the block's V planes stay within about 1 MiB of cache, but a block is at least
+        // half a weight panel's width of rows (so large weight sets are not re-read for few tiles), and the
+        // tiles are shared across the threads.
+        let by_cache = (1 << 18) / (alpha2 * self.c_in).max(1);
+        let per_thread = geometry.tiles.div_ceil(par.threads());
+        let block = by_cache.max(kp / 2).min(per_thread).max(1).div_ceil(MR) * MR;
+        let blocks = geometry.tiles.div_ceil(block);
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let partials = par.map_blocks(
+            blocks,
+            || Scratch {
+                v: vec![0f32; alpha2 * block * self.c_in],
+                m: vec![0f32; alpha2 * block * kp],
+            },
+            |scratch, b| {
+                let t0 = b * block;
+                let t1 = (t0 + block).min(geometry.tiles);
+                let mut sums = ChannelSums {
+                    sum: vec![0f64; self.k_out],
+                    sum_sq: vec![0f64; self.k_out],
+                };
+                // SAFETY: blocks cover disjoint tiles, so disjoint output pixels.
+                unsafe {
+                    self.block(
+                        inputs,
+                        &geometry,
+                        t0..t1,
+                        block,
+                        scratch,
+                        out_ptr.get(),
+                        &mut sums,
+                    )
+                };
+                sums
+            },
+        );
+        let mut total = ChannelSums {
+            sum: vec![0f64; self.k_out],
+            sum_sq: vec![0f64; self.k_out],
+        };
+        for p in partials {
+            for k in 0..self.k_out {
+                total.sum[k] += p.sum[k];
+                total.sum_sq[k] += p.sum_sq[k];
+            }
+        }
+        total
+    }
+
+    /// # Safety
+    /// `out` must be valid for the whole output tensor, and no other thread may write the pixels of these tiles.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        &self,
+        inputs: &[(&[f32], usize)],
+        geo: &Geometry,
+        tiles: std::ops::Range<usize>,
+        block: usize,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        sums: &mut ChannelSums,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return self.block_avx512(inputs, geo, tiles, block, scratch, out, sums);
+        }
+        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_avx512(
+        &self,
+        inputs: &[(&[f32], usize)],
+        geo: &Geometry,
+        tiles: std::ops::Range<usize>,
+        block: usize,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        sums: &mut ChannelSums,
+    ) {
+        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_impl(
+        &self,
+        inputs: &[(&[f32], usize)],
+        geo: &Geometry,
+        tiles: std::ops::Range<usize>,
+        block: usize,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        sums: &mut ChannelSums,
+    ) {
+        match self.tile {
+            Tile::F2 => self.block_tiles::<2, 4, F2>(inputs, geo, tiles, block, scratch, out, sums),
+            Tile::F4 => self.block_tiles::<4, 6, F4>(inputs, geo, tiles, block, scratch, out, sums),
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_tiles<const M: usize, const A: usize, T: Transforms<M, A>>(
+        &self,
+        inputs: &[(&[f32], usize)],
+        geo: &Geometry,
+        tiles: std::ops::Range<usize>,
+        block: usize,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        sums: &mut ChannelSums,
+    ) {
+        let c_all = self.c_in;
+        let kp = self.panels * NR;
+        let n = tiles.len();
+        let rows = n.div_ceil(MR) * MR;
+        let v = scratch.v.as_mut_ptr();
+        let mbuf = scratch.m.as_mut_ptr();
+        let (h, w) = (geo.h as isize, geo.w as isize);
+
+        // Input transform: one row of c_all channels per tile and plane.
+        for (r, t) in tiles.clone().enumerate() {
+            let y0 = (t / geo.tiles_w * M) as isize - 1;
+            let x0 = (t % geo.tiles_w * M) as isize - 1;
+            let interior = y0 >= 0 && x0 >= 0 && y0 + A as isize <= h && x0 + A as isize <= w;
+            let mut c_off = 0;
+            for &(data, c_count) in inputs {
+                let pixel = |y: isize, x: isize| data.as_ptr().add((y * w + x) as usize * c_count);
+                let v_row = v.add(r * c_all + c_off);
+                let mut c0 = 0;
+                while c0 + L <= c_count {
+                    if interior {
+                        let base = pixel(y0, x0).add(c0);
+                        input_tile::<M, A, T>(
+                            |i, j| {
+                                std::ptr::read_unaligned(
+                                    base.add((i * geo.w + j) * c_count) as *const Vector
+                                )
+                            },
+                            |xi, vec| {
+                                std::ptr::write_unaligned(
+                                    v_row.add(xi * block * c_all + c0) as *mut Vector,
+                                    *vec,
+                                )
+                            },
+                        );
+                    } else {
+                        input_tile::<M, A, T>(
+                            |i, j| {
+                                let (y, x) = (y0 + i as isize, x0 + j as isize);
+                                if y < 0 || x < 0 || y >= h || x >= w {
+                                    [0.0; L]
+                                } else {
+                                    std::ptr::read_unaligned(pixel(y, x).add(c0) as *const Vector)
+                                }
+                            },
+                            |xi, vec| {
+                                std::ptr::write_unaligned(
+                                    v_row.add(xi * block * c_all + c0) as *mut Vector,
+                                    *vec,
+                                )
+                            },
+                        );
+                    }
+                    c0 += L;
+                }
+                if c0 < c_count {
+                    // the last channels (fewer than a vector): zero-padded lanes, only the real ones stored
+                    let lanes = c_count - c0;
+                    input_tile::<M, A, T>(
+                        |i, j| {
+                            let (y, x) = (y0 + i as isize, x0 + j as isize);
+                            let mut vec = [0.0; L];
+                            if y >= 0 && x >= 0 && y < h && x < w {
+                                let src = pixel(y, x).add(c0);
+                                for (l, e) in vec.iter_mut().enumerate().take(lanes) {
+                                    *e = *src.add(l);
+                                }
+                            }
+                            vec
+                        },
+                        |xi, vec| {
+                            let dst = v_row.add(xi * block * c_all + c0);
+                            for (l, e) in vec.iter().enumerate().take(lanes) {
+                                *dst.add(l) = *e;
+                            }
+                        },
+                    );
+                }
+                c_off += c_count;
+            }
+        }
+        // Rows past the last tile only need to be finite (they are computed and dropped).
+        for xi in 0..A * A {
+            std::ptr::write_bytes(v.add((xi * block + n) * c_all), 0, (rows - n) * c_all);
+        }
+
+        // One matrix product per plane: M[ξ] = V[ξ] · U[ξ].
+        for xi in 0..A * A {
+            for p in 0..self.panels {
+                let u = self.u.as_ptr().add((xi * self.panels + p) * c_all * NR);
+                for r in (0..rows).step_by(MR) {
+                    kernel::run(
+                        c_all,
+                        Rows {
+                            v: v.add((xi * block + r) * c_all),
+                            v_stride: c_all,
+                            rows: MR,
+                        },
+                        u,
+                        None,
+                        Dst {
+                            ptr: mbuf.add((xi * block + r) * kp + p * NR),
+                            stride: kp,
+                            lanes: NR,
+                        },
+                    );
+                }
+            }
+        }
+
+        // Output transform, bias, and the channel sums.
+        for (r, t) in tiles.enumerate() {
+            let y0 = t / geo.tiles_w * M;
+            let x0 = t % geo.tiles_w * M;
+            let ys = (geo.h - y0).min(M);
+            let xs = (geo.w - x0).min(M);
+            let m_row = mbuf.add(r * kp);
+            let mut k0 = 0;
+            while k0 < self.k_out {
+                let lanes = (self.k_out - k0).min(L);
+                let bias = std::ptr::read_unaligned(self.bias.as_ptr().add(k0) as *const Vector);
+                let mut s = [0f32; L];
+                let mut s2 = [0f32; L];
+                output_tile::<M, A, T>(
+                    |xi| std::ptr::read_unaligned(m_row.add(xi * block * kp + k0) as *const Vector),
+                    |i, j, y| {
+                        if i < ys && j < xs {
+                            let px = lanes_of(|l| y[l] + bias[l]);
+                            for l in 0..L {
+                                s[l] += px[l];
+                                s2[l] += px[l] * px[l];
+                            }
+                            let dst = out.add(((y0 + i) * geo.w + x0 + j) * self.k_out + k0);
+                            if lanes == L {
+                                std::ptr::write_unaligned(dst as *mut Vector, px);
+                            } else {
+                                for (l, e) in px.iter().enumerate().take(lanes) {
+                                    *dst.add(l) = *e;
+                                }
+                            }
+                        }
+                    },
+                );
+                for l in 0..lanes {
+                    sums.sum[k0 + l] += s[l] as f64;
+                    sums.sum_sq[k0 + l] += s2[l] as f64;
+                }
+                k0 += L;
+            }
+        }
+    }
+}
+
+struct Geometry {
+    h: usize,
+    w: usize,
+    tiles_w: usize,
+    tiles: usize,
+}
+
+struct Scratch {
+    v: Vec<f32>,
+    m: Vec<f32>,
+}
+
+type Vector = [f32; L];
+
+#[inline(always)]
+fn lanes_of(f: impl Fn(usize) -> f32) -> Vector {
+    let mut v = [0f32; L];
+    for (l, x) in v.iter_mut().enumerate() {
+        *x = f(l);
+    }
+    v
+}
+
+/// The 1D transforms of one Winograd variant, written out (the matrices have many zeros and ±1s).
+trait Transforms<const M: usize, const A: usize> {
+    /// `Bᵀ d` of one column of the input tile.
+    fn input(d: &[Vector; A]) -> [Vector; A];
+    /// `Aᵀ m` of one column of the product tile.
+    fn output(m: &[Vector; A]) -> [Vector; M];
+}
+
+/// F(2 × 2, 3 × 3), points (0, 1, −1, ∞).
+struct F2;
+
+impl Transforms<2, 4> for F2 {
+    #[inline(always)]
+    fn input(d: &[Vector; 4]) -> [Vector; 4] {
+        [
+            lanes_of(|l| d[0][l] - d[2][l]),
+            lanes_of(|l| d[1][l] + d[2][l]),
+            lanes_of(|l| d[2][l] - d[1][l]),
+            lanes_of(|l| d[1][l] - d[3][l]),
+        ]
+    }
+    #[inline(always)]
+    fn output(m: &[Vector; 4]) -> [Vector; 2] {
+        [
+            lanes_of(|l| m[0][l] + m[1][l] + m[2][l]),
+            lanes_of(|l| m[1][l] - m[2][l] - m[3][l]),
+        ]
+    }
+}
+
+/// F(4 × 4, 3 × 3), points (0, 1, −1, 2, −2, ∞).
+struct F4;
+
+impl Transforms<4, 6> for F4 {
+    #[inline(always)]
+    fn input(d: &[Vector; 6]) -> [Vector; 6] {
+        let a = lanes_of(|l| d[4][l] - 4.0 * d[2][l]);
+        let b = lanes_of(|l| d[3][l] - 4.0 * d[1][l]);
+        let c = lanes_of(|l| d[4][l] - d[2][l]);
+        let e = lanes_of(|l| 2.0 * (d[3][l] - d[1][l]));
+        [
+            lanes_of(|l| 4.0 * d[0][l] - 5.0 * d[2][l] + d[4][l]),
+            lanes_of(|l| a[l] + b[l]),
+            lanes_of(|l| a[l] - b[l]),
+            lanes_of(|l| c[l] + e[l]),
+            lanes_of(|l| c[l] - e[l]),
+            lanes_of(|l| 4.0 * d[1][l] - 5.0 * d[3][l] + d[5][l]),
+        ]
+    }
+    #[inline(always)]
+    fn output(m: &[Vector; 6]) -> [Vector; 4] {
+        let s12 = lanes_of(|l| m[1][l] + m[2][l]);
+        let d12 = lanes_of(|l| m[1][l] - m[2][l]);
+        let s34 = lanes_of(|l| m[3][l] + m[4][l]);
+        let d34 = lanes_of(|l| m[3][l] - m[4][l]);
+        [
+            lanes_of(|l| m[0][l] + s12[l] + s34[l]),
+            lanes_of(|l| d12[l] + 2.0 * d34[l]),
+            lanes_of(|l| s12[l] + 4.0 * s34[l]),
+            lanes_of(|l| d12[l] + 8.0 * d34[l] + m[5][l]),
+        ]
+    }
+}
+
+/// `V = Bᵀ d B` of one tile: `load(i, j)` gives the input vector at tile row i, column j; `store(ξ, v)` takes
+/// plane ξ = i·A + j of the result.
+#[inline(always)]
+fn input_tile<const M: usize, const A: usize, T: Transforms<M, A>>(
+    load: impl Fn(usize, usize) -> Vector,
+    mut store: impl FnMut(usize, &Vector),
+) {
+    let mut tmp = [[[0f32; L]; A]; A];
+    for j in 0..A {
+        let col: [Vector; A] = std::array::from_fn(|i| load(i, j));
+        let t = T::input(&col);
+        for i in 0..A {
+            tmp[i][j] = t[i];
+        }
+    }
+    for (i, row) in tmp.iter().enumerate() {
+        for (j, v) in T::input(row).iter().enumerate() {
+            store(i * A + j, v);
+        }
+    }
+}
+
+/// `Y = Aᵀ m A` of one tile: `load(ξ)` gives plane ξ of the product; `store(i, j, y)` takes output pixel (i, j).
+#[inline(always)]
+fn output_tile<const M: usize, const A: usize, T: Transforms<M, A>>(
+    load: impl Fn(usize) -> Vector,
+    mut store: impl FnMut(usize, usize, &Vector),
+) {
+    let mut tmp = [[[0f32; L]; A]; M];
+    for j in 0..A {
+        let col: [Vector; A] = std::array::from_fn(|i| load(i * A + j));
+        let t = T::output(&col);
+        for i in 0..M {
+            tmp[i][j] = t[i];
+        }
+    }
+    for (i, row) in tmp.iter().enumerate() {
+        for (j, y) in T::output(row).iter().enumerate() {
+            store(i, j, y);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn direct(
+        x: &[f32],
+        h: usize,
+        w: usize,
+        c: usize,
+        wt: &[f32],
+        b: &[f32],
+        k: usize,
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; h * w * k];
+        for yy in 0..h {
+            for xx in 0..w {
+                for kk in 0..k {
+                    let mut acc = b[kk] as f64;
+                    for cc in 0..c {
+                        for a in 0..3 {
+                            for bb in 0..3 {
+                                let (sy, sx) =
+                                    (yy as isize + a as isize - 1, xx as isize + bb as isize - 1);
+                                if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+                                    continue;
+                                }
+                                acc += x[(sy as usize * w + sx as usize) * c + cc] as f64
+                                    * wt[((kk * c + cc) * 3 + a) * 3 + bb] as f64;
+                            }
+                        }
+                    }
+                    y[(yy * w + xx) * k + kk] = acc;
+                }
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.5) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn winograd_matches_direct_convolution_on_odd_sizes_and_concatenated_inputs() {
+        // 19 x 22 is not a multiple of either tile; 3 + 20 channels exercise partial lanes and two inputs;
+        // 40 outputs a partial weight panel.
+        let (h, w, c1, c2, k) = (19, 22, 3, 20, 40);
+        let a = values(h * w * c1, 1);
+        let b = values(h * w * c2, 2);
+        let wt = values(k * (c1 + c2) * 9, 3);
+        let bias = values(k, 4);
+        // the reference sees the concatenation
+        let mut cat = vec![0f32; h * w * (c1 + c2)];
+        for p in 0..h * w {
+            cat[p * (c1 + c2)..][..c1].copy_from_slice(&a[p * c1..][..c1]);
+            cat[p * (c1 + c2) + c1..][..c2].copy_from_slice(&b[p * c2..][..c2]);
+        }
+        let want = direct(&cat, h, w, c1 + c2, &wt, &bias, k);
+        for threads in [1, 2] {
+            let par = Parallel::new(threads);
+            for tile in [Tile::F2, Tile::F4] {
+                let conv = Conv3x3::new(tile, &wt, &bias, k, c1 + c2);
+                let mut out = vec![f32::NAN; h * w * k];
+                let sums = conv.run(&[(&a, c1), (&b, c2)], h, w, &mut out, &par);
+                let max = want
+                    .iter()
+                    .zip(&out)
+                    .map(|(w, g)| (w - *g as f64).abs())
+                    .fold(0f64, f64::max);
+                assert!(max < 2e-4, "{tile:?}, {threads} threads: max |diff| {max}");
+                for kk in 0..k {
+                    let s: f64 = (0..h * w).map(|p| out[p * k + kk] as f64).sum();
+                    let s2: f64 = (0..h * w).map(|p| (out[p * k + kk] as f64).powi(2)).sum();
+                    assert!(
+                        (sums.sum[kk] - s).abs() < 1e-3 * (1.0 + s.abs()),
+                        "sum {kk}"
+                    );
+                    assert!(
+                        (sums.sum_sq[kk] - s2).abs() < 1e-3 * (1.0 + s2),
+                        "sum_sq {kk}"
+                    );
+                }
+            }
+        }
+    }
+}
