@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use deepgrow_server::config::Config;
-use deepgrow_server::engine::{Engine, TractEngine};
+use deepgrow_server::engine::{Engine, Kernels, TractEngine};
 use deepgrow_server::nifti_io::{self, DecodeLimits, MaskDtype, VoxelData};
 use ndarray::{Array2, Array4};
 use std::hint::black_box;
@@ -111,6 +111,7 @@ fn inference(c: &mut Criterion) {
         &manifest("models/deepgrow_2d/model.onnx"),
         [512, 512],
         threads,
+        Kernels::Fast,
     )
     .expect("bundled model loads");
     // A normalised-CT-like first channel and two click maps.
@@ -218,4 +219,9 @@ fn http_click(c: &mut Criterion) {
 }
 
 criterion_group!(benches, codec, inference, http_click);
-criterion_main!(benches);
+fn main() {
+    // As the server does (see the function): a click's timing depends on it.
+    deepgrow_server::tune_malloc();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

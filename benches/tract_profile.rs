@@ -1,7 +1,7 @@
 //! Per-operator profile of a model as tract runs it (after `into_optimized`), timed in-process around each
 //! node's evaluation: where the network's time goes, by op kind and by node.
 //!
-//! Run: `cargo bench --bench tract_profile -- [model.onnx] [threads] [runs] [size] [fast|tract]`
+//! Run: `cargo bench --bench tract_profile -- [model.onnx] [threads] [runs] [size] [fast|fast-f4|tract]`
 //! (defaults: the bundled model, 2 threads, 5 timed runs after one warm-up, 512 x 512 input, the server's
 //! default fast kernels; `tract` profiles the unmodified graph).
 
@@ -13,6 +13,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
 
 fn main() -> TractResult<()> {
+    // As the server does: activations reused from the heap instead of page-faulted in for every layer.
+    deepgrow_server::tune_malloc();
     // `cargo bench` passes `--bench`; keep only positional arguments.
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -26,11 +28,17 @@ fn main() -> TractResult<()> {
 
     let size: usize = args.get(3).map_or(Ok(512), |a| a.parse())?;
     let shape = [1, 3, size, size];
-    let fast = args.get(4).map_or(true, |k| k != "tract");
+    let kernels = args.get(4).map_or("fast", String::as_str);
     let mut onnx = tract_onnx::onnx();
     let mut proto = onnx.proto_model_for_path(&path)?;
-    if fast {
-        let report = deepgrow_server::engine::fast::rewrite(&mut proto);
+    if kernels != "tract" {
+        use deepgrow_server::engine::fast::{rewrite, winograd::Tile};
+        let tile = if kernels == "fast-f4" {
+            Tile::F4
+        } else {
+            Tile::F2
+        };
+        let report = rewrite(&mut proto, tile);
         println!("fast kernels: {report:?}");
         deepgrow_server::engine::fast::register(&mut onnx.op_register);
     }

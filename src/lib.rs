@@ -172,15 +172,22 @@ fn release_free_heap() {
     }
 }
 
-/// Makes glibc use a single malloc arena. With one arena per thread (tokio, blocking pool, tract's pool),
-/// `malloc_trim` empties the main heap but leaves freed memory at the top of the other arenas, and RSS stayed
-/// 56-88 MiB above its idle level after a load test; with one arena it returns to within 1 MiB, with no
-/// measurable cost to a click (the network's buffers are few and large). Call it first thing in `main`.
-pub fn use_one_malloc_arena() {
+/// Tunes glibc's malloc for this server; call it first thing in `main`, before other threads exist.
+///
+/// * One arena: with one arena per thread (tokio, blocking pool, tract's pool), `malloc_trim` empties the main
+///   heap but leaves freed memory at the top of the other arenas, and RSS stayed 56-88 MiB above its idle level
+///   after a load test; with one arena it returns to within 1 MiB, at no measurable cost to a click.
+/// * No mmap for large blocks and no trimming on free: a network run allocates its activations (up to 64 MiB
+///   each) afresh for every layer, and as separate mappings each one page-faults on first touch, which cost
+///   50 ms of a 240 ms click. Kept in the heap, they are reused from one layer and one click to the next. The
+///   session sweeper's `malloc_trim` (every 30 s) still hands the freed heap back to the OS.
+pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a glibc tunable; called before other threads exist.
+    // SAFETY: mallopt only sets glibc tunables; called before other threads exist.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 

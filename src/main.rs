@@ -2,8 +2,8 @@ use clap::Parser;
 use deepgrow_server::config::Config;
 
 fn main() -> anyhow::Result<()> {
-    // Before any thread allocates: one malloc arena, so freed memory can be handed back (see the function).
-    deepgrow_server::use_one_malloc_arena();
+    // Before any thread allocates (see the function).
+    deepgrow_server::tune_malloc();
     let config = Config::parse();
     deepgrow_server::init_logging(config.log_format);
     tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use deepgrow_server::engine::{Engine, TractEngine};
+use deepgrow_server::engine::{Engine, Kernels, TractEngine};
 use ndarray::Array4;
 use serde_json::Value;
 
@@ -13,8 +13,13 @@ fn bundled_model_matches_onnxruntime() {
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("summary.json")).unwrap())
             .unwrap();
-    let engine =
-        TractEngine::load(&root.join("models/deepgrow_2d/model.onnx"), [512, 512], 2).unwrap();
+    let engine = TractEngine::load(
+        &root.join("models/deepgrow_2d/model.onnx"),
+        [512, 512],
+        2,
+        Kernels::Tract,
+    )
+    .unwrap();
 
     let input = Array4::from_shape_fn((1, 3, 512, 512), |(_, c, h, w)| {
         ((h * 7 + w * 13 + c * 101) % 256) as f32 / 128.0 - 1.0

@@ -11,9 +11,12 @@ pub use self::tract::TractEngine;
 /// Which kernels run the network's layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernels {
-    /// The convolution layers on this crate's fast ops (Winograd 3 × 3 convolutions, fused norms), the rest
-    /// on tract; falls back to `tract` for a graph they cannot take.
+    /// The convolution layers on this crate's fast ops (Winograd F(2 × 2, 3 × 3) convolutions, fused norms),
+    /// the rest on tract; falls back to `tract` for a graph they cannot take. Within 1e-4 of the exact model.
     Fast,
+    /// As `fast`, with Winograd F(4 × 4, 3 × 3): fewer multiplies, but float32 errors of a few 1e-4 on the
+    /// logits of a trained network (opt-in; see BENCHMARKS.md for its mask agreement).
+    FastF4,
     /// tract's own kernels for every layer (the unmodified graph).
     Tract,
 }

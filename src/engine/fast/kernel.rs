@@ -2,8 +2,45 @@
 //! `dst[t][0..32] = bias + Σ_c v[t][c] · u[c][0..32]`, with `u` a packed panel of 32 output channels.
 //!
 //! Rows of `v` are read with a stride (rows of an NHWC tensor, or of a Winograd buffer), so nothing is packed
-//! on the activation side. The AVX-512 version holds 14 × 2 accumulators in registers; the portable version
-//! (also used where AVX-512 is missing) computes the same sums in the same order.
+//! on the activation side. The AVX-512 version holds 14 × 2 accumulators in registers, the AVX2 version works
+//! in passes of 6 rows × 16 channels, and the portable version serves every other CPU.
+
+use std::sync::OnceLock;
+
+/// The instruction set the fast kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The best instruction set of this CPU, or a lower one named by `DEEPGROW_FAST_ISA` (`avx2`, `portable`), so
+/// that every code path can be tested and compared on one machine.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[allow(unused_mut)]
+        let mut best = Isa::Portable;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                best = Isa::Avx2;
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                best = Isa::Avx512;
+            }
+        }
+        let cap = match std::env::var("DEEPGROW_FAST_ISA").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        best.min(cap)
+    })
+}
 
 /// Output channels of one packed weight panel.
 pub const NR: usize = 32;
@@ -50,11 +87,13 @@ pub struct Dst {
 /// `dst` for `rows.rows` rows of `dst.lanes` floats, and `bias`, when given, for `NR` floats.
 #[inline]
 pub unsafe fn run(depth: usize, rows: Rows, u: *const f32, bias: Option<&[f32; NR]>, dst: Dst) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return x86::kernel_avx512(depth, rows, u, bias, dst);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::kernel_avx512(depth, rows, u, bias, dst),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::kernel_avx2(depth, rows, u, bias, dst),
+        _ => portable(depth, rows, u, bias, dst),
     }
-    portable(depth, rows, u, bias, dst)
 }
 
 #[inline]
@@ -148,6 +187,64 @@ mod x86 {
             super::store(&out, n, dst);
         }
     }
+
+    /// Rows `r0 .. r0 + R` of the block, 16 channels (`half`) at a time: 2R accumulators, two weight
+    /// registers and a broadcast fit AVX2's 16 registers for R = 6.
+    #[inline(always)]
+    unsafe fn pass_avx2<const R: usize>(
+        depth: usize,
+        rows: Rows,
+        r0: usize,
+        u: *const f32,
+        bias: Option<&[f32; NR]>,
+        out: &mut [[f32; NR]; MR],
+    ) {
+        for half in 0..2 {
+            let (b0, b1) = match bias {
+                Some(b) => (
+                    _mm256_loadu_ps(b.as_ptr().add(16 * half)),
+                    _mm256_loadu_ps(b.as_ptr().add(16 * half + 8)),
+                ),
+                None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+            };
+            let mut acc = [[b0, b1]; R];
+            let v = rows.v.add(r0 * rows.v_stride);
+            for c in 0..depth {
+                let w = u.add(c * NR + 16 * half);
+                let u0 = _mm256_loadu_ps(w);
+                let u1 = _mm256_loadu_ps(w.add(8));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_ps(*v.add(t * rows.v_stride + c));
+                    a[0] = _mm256_fmadd_ps(x, u0, a[0]);
+                    a[1] = _mm256_fmadd_ps(x, u1, a[1]);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out[r0 + t].as_mut_ptr().add(16 * half), a[0]);
+                _mm256_storeu_ps(out[r0 + t].as_mut_ptr().add(16 * half + 8), a[1]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kernel_avx2(
+        depth: usize,
+        rows: Rows,
+        u: *const f32,
+        bias: Option<&[f32; NR]>,
+        dst: Dst,
+    ) {
+        let mut out = [[0f32; NR]; MR];
+        let n = rows.rows.min(MR);
+        pass_avx2::<6>(depth, rows, 0, u, bias, &mut out);
+        if n > 6 {
+            pass_avx2::<6>(depth, rows, 6, u, bias, &mut out);
+        }
+        if n > 12 {
+            pass_avx2::<2>(depth, rows, 12, u, bias, &mut out);
+        }
+        super::store(&out, n, dst);
+    }
 }
 
 #[cfg(test)]
@@ -164,10 +261,24 @@ mod tests {
         let w = |k: usize, c: usize| ((k * 31 + c * 17) % 23) as f32 / 11.0 - 1.0;
         let u = pack_panels(k_count, depth, w);
         let bias: [f32; NR] = std::array::from_fn(|k| k as f32 * 0.25);
-        for rows in [MR, 5] {
+        type Kernel = unsafe fn(usize, Rows, *const f32, Option<&[f32; NR]>, Dst);
+        let mut kernels: Vec<(&str, Kernel)> = vec![("portable", portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if isa() >= Isa::Avx2 {
+                kernels.push(("avx2", x86::kernel_avx2));
+            }
+            if isa() >= Isa::Avx512 {
+                kernels.push(("avx512", x86::kernel_avx512));
+            }
+        }
+        for (rows, (name, kernel)) in [MR, 5, 13, 7]
+            .into_iter()
+            .flat_map(|r| kernels.iter().map(move |k| (r, *k)))
+        {
             let mut out = vec![f32::NAN; MR * 24];
             unsafe {
-                run(
+                kernel(
                     depth,
                     Rows {
                         v: v.as_ptr(),
@@ -187,7 +298,7 @@ mod tests {
                 for k in 0..24 {
                     let got = out[t * 24 + k];
                     if t >= rows || k >= k_count {
-                        assert!(got.is_nan(), "row {t} lane {k} written");
+                        assert!(got.is_nan(), "{name}: row {t} lane {k} written");
                         continue;
                     }
                     let want = (0..depth).fold(bias[k] as f64, |a, c| {

@@ -2,7 +2,7 @@
 //! convolution), 2 × 2 max pooling, 2 × 2 stride-2 transposed convolution and 1 × 1 convolution. The matrix
 //! products run on [`kernel`]; everything is split over the inference's threads by rows.
 
-use super::kernel::{self, Dst, Rows, MR, NR};
+use super::kernel::{self, isa, Dst, Isa, Rows, MR, NR};
 use super::parallel::{Parallel, SyncPtr};
 use super::winograd::ChannelSums;
 
@@ -41,12 +41,14 @@ impl NormAct {
             let rows = unsafe {
                 std::slice::from_raw_parts_mut(ptr.get().add(p0 * channels), (p1 - p0) * channels)
             };
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512.
-                return unsafe { scale_shift_leaky_avx512(rows, &scale, &shift, slope) };
+            match isa() {
+                // SAFETY: the CPU has the instructions isa() reports.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { scale_shift_leaky_avx512(rows, &scale, &shift, slope) },
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { scale_shift_leaky_avx2(rows, &scale, &shift, slope) },
+                _ => scale_shift_leaky(rows, &scale, &shift, slope),
             }
-            scale_shift_leaky(rows, &scale, &shift, slope)
         });
     }
 }
@@ -54,6 +56,12 @@ impl NormAct {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn scale_shift_leaky_avx512(rows: &mut [f32], scale: &[f32], shift: &[f32], slope: f32) {
+    scale_shift_leaky(rows, scale, shift, slope)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_shift_leaky_avx2(rows: &mut [f32], scale: &[f32], shift: &[f32], slope: f32) {
     scale_shift_leaky(rows, scale, shift, slope)
 }
 

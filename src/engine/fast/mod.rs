@@ -13,3 +13,10 @@ pub mod winograd;
 
 pub use ops::register;
 pub use rewrite::{rewrite, Report};
+
+/// Whether the fast kernels beat tract's own on this CPU: they need AVX2 (or AVX-512); their portable version
+/// (about tract's speed) runs only when `DEEPGROW_FAST_ISA=portable` asks for it.
+pub fn worthwhile() -> bool {
+    kernel::isa() >= kernel::Isa::Avx2
+        || std::env::var("DEEPGROW_FAST_ISA").as_deref() == Ok("portable")
+}

@@ -114,8 +114,8 @@ impl Op for ConvBlock {
     }
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?} {:?} -> {}, norm: {}",
-            self.conv.tile(),
+            "{} {:?} -> {}, norm: {}",
+            self.conv.algorithm(),
             self.channels,
             self.conv.k_out(),
             self.norm.is_some()
@@ -160,6 +160,7 @@ impl TypedOp for ConvBlock {
 
 #[derive(Debug, Clone)]
 struct ConvBlockExpansion {
+    tile: Tile,
     inputs: usize,
     k_out: usize,
     norm: bool,
@@ -173,8 +174,13 @@ fn parse_conv3x3(
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let norm = node.get_attr_opt::<i64>("norm")?.unwrap_or(0) == 1;
     let leaky = node.get_attr_opt::<f32>("leaky_alpha")?;
+    let tile = match node.get_attr_opt::<i64>("winograd_m")? {
+        Some(4) => Tile::F4,
+        _ => Tile::F2,
+    };
     Ok((
         expand(ConvBlockExpansion {
+            tile,
             inputs: node.get_attr::<i64>("inputs")? as usize,
             k_out: node.get_attr::<i64>("k_out")? as usize,
             norm,
@@ -225,7 +231,13 @@ impl Expansion for ConvBlockExpansion {
             channels.iter().sum::<usize>() == ws[1],
             "inputs {channels:?} vs weights {ws:?}"
         );
-        let conv = Conv3x3::new(Tile::F4, plain(&weights)?, plain(&bias)?, self.k_out, ws[1]);
+        let conv = Conv3x3::new(
+            self.tile,
+            plain(&weights)?,
+            plain(&bias)?,
+            self.k_out,
+            ws[1],
+        );
         let norm = if self.norm {
             let gamma = const_input(model, inputs[n + 2], "norm scale")?;
             let beta = const_input(model, inputs[n + 3], "norm bias")?;

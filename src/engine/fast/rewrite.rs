@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto};
 
 use super::ops::{CONV3X3, DOMAIN, MAX_POOL, POINTWISE, UPSAMPLE};
+use super::winograd::Tile;
 
 /// What the rewrite did (for the log and the tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -153,13 +154,14 @@ struct Fused {
     attributes: Vec<AttributeProto>,
 }
 
-/// Rewrites `model`'s main graph in place and says what it replaced.
-pub fn rewrite(model: &mut ModelProto) -> Report {
+/// Rewrites `model`'s main graph in place, with 3 × 3 convolutions by Winograd F(`tile`, 3 × 3), and says what
+/// it replaced.
+pub fn rewrite(model: &mut ModelProto, tile: Tile) -> Report {
     let Some(graph) = model.graph.as_mut() else {
         return Report::default();
     };
     let mut report = Report::default();
-    let (plans, removed) = plan(graph, &mut report);
+    let (plans, removed) = plan(graph, tile, &mut report);
     let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
     let mut out = Vec::with_capacity(graph.node.len());
@@ -215,7 +217,11 @@ pub fn rewrite(model: &mut ModelProto) -> Report {
 }
 
 /// Decides the replacements: the fused node for each replaced node that comes first, and every node it absorbs.
-fn plan(graph: &GraphProto, report: &mut Report) -> (HashMap<usize, Fused>, HashSet<usize>) {
+fn plan(
+    graph: &GraphProto,
+    tile: Tile,
+    report: &mut Report,
+) -> (HashMap<usize, Fused>, HashSet<usize>) {
     let g = Graph::new(graph);
     let mut plans = HashMap::new();
     let mut removed = HashSet::new();
@@ -226,7 +232,7 @@ fn plan(graph: &GraphProto, report: &mut Report) -> (HashMap<usize, Fused>, Hash
             continue;
         }
         let fused = match node.op_type.as_str() {
-            "Conv" => conv(&g, i, node, &mut removed, report),
+            "Conv" => conv(&g, i, node, tile, &mut removed, report),
             "MaxPool" if fast_tensors.contains(&node.input[0]) => max_pool(node, report),
             "ConvTranspose" if fast_tensors.contains(&node.input[0]) => upsample(&g, node, report),
             _ => None,
@@ -243,6 +249,7 @@ fn conv(
     g: &Graph,
     i: usize,
     node: &NodeProto,
+    tile: Tile,
     removed: &mut HashSet<usize>,
     report: &mut Report,
 ) -> Option<Fused> {
@@ -300,6 +307,7 @@ fn conv(
     let mut attributes = vec![
         int_attr("inputs", inputs.len() as i64),
         int_attr("k_out", k_out),
+        int_attr("winograd_m", tile.m() as i64),
     ];
     // an InstanceNormalization (with constant scale and bias) only this convolution feeds, and its LeakyRelu
     if let Some(n) = g.sole_reader(&output) {

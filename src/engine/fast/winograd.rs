@@ -9,11 +9,14 @@
 //! nothing. The transform points are (0, ±1, ±2, ∞), whose float32 error is measured against the direct
 //! convolution in the tests below and against the unmodified model in `tests/fast_engine.rs`.
 
-use super::kernel::{self, Dst, Rows, MR, NR};
+use super::kernel::{self, isa, Dst, Isa, Rows, MR, NR};
 use super::parallel::{Parallel, SyncPtr};
 
 /// SIMD lanes of the transforms (channels processed together).
 const L: usize = 16;
+
+/// Largest patch (9 × input channels) convolved directly rather than by Winograd.
+const DIRECT_MAX_DEPTH: usize = 64;
 
 const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
@@ -54,6 +57,9 @@ impl Tile {
 #[derive(Debug)]
 pub struct Conv3x3 {
     tile: Tile,
+    /// Few input channels (the first layer): a direct convolution over 3 × 3 × c_in patches instead, since the
+    /// Winograd transforms would cost more than the products they save.
+    direct: bool,
     c_in: usize,
     k_out: usize,
     panels: usize,
@@ -73,6 +79,24 @@ impl Conv3x3 {
     pub fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
         assert_eq!(weights.len(), k_out * c_in * 9);
         assert_eq!(bias.len(), k_out);
+        let panels = k_out.div_ceil(NR);
+        let mut padded_bias = bias.to_vec();
+        padded_bias.resize(panels * NR, 0.0);
+        if c_in * 9 <= DIRECT_MAX_DEPTH {
+            // patch element j = (tap, c) with tap = 3·dy + dx
+            let u = kernel::pack_panels(k_out, 9 * c_in, |k, j| {
+                weights[(k * c_in + j % c_in) * 9 + j / c_in]
+            });
+            return Conv3x3 {
+                tile,
+                direct: true,
+                c_in,
+                k_out,
+                panels,
+                u,
+                bias: padded_bias,
+            };
+        }
         let alpha = tile.alpha();
         let g: &[[f64; 3]] = match tile {
             Tile::F2 => &G2,
@@ -96,21 +120,19 @@ impl Conv3x3 {
                 }
             }
         }
-        let panels = k_out.div_ceil(NR);
         let mut u = Vec::with_capacity(alpha * alpha * panels * c_in * NR);
         for xi in 0..alpha * alpha {
             let plane = &u_dense[xi * k_out * c_in..][..k_out * c_in];
             u.extend(kernel::pack_panels(k_out, c_in, |k, c| plane[k * c_in + c]));
         }
-        let mut bias = bias.to_vec();
-        bias.resize(panels * NR, 0.0);
         Conv3x3 {
             tile,
+            direct: false,
             c_in,
             k_out,
             panels,
             u,
-            bias,
+            bias: padded_bias,
         }
     }
 
@@ -122,13 +144,13 @@ impl Conv3x3 {
         self.c_in
     }
 
-    pub fn tile(&self) -> Tile {
-        self.tile
-    }
-
-    /// Bytes held (the transformed weights grow with (m + 2)² / 9).
-    pub fn weight_bytes(&self) -> usize {
-        self.u.len() * 4
+    /// How the convolution is computed, for logs and dumps.
+    pub fn algorithm(&self) -> String {
+        if self.direct {
+            "direct".into()
+        } else {
+            format!("Winograd F({m}x{m}, 3x3)", m = self.tile.m())
+        }
     }
 
     /// Convolves the channel-concatenation of `inputs` (each NHWC `h × w × channels`) into `out`
@@ -146,6 +168,121 @@ impl Conv3x3 {
             assert_eq!(data.len(), h * w * c);
         }
         assert_eq!(out.len(), h * w * self.k_out);
+        let partials = if self.direct {
+            self.run_direct(inputs, h, w, out, par)
+        } else {
+            self.run_winograd(inputs, h, w, out, par)
+        };
+        let mut total = ChannelSums {
+            sum: vec![0f64; self.k_out],
+            sum_sq: vec![0f64; self.k_out],
+        };
+        for p in partials {
+            for k in 0..self.k_out {
+                total.sum[k] += p.sum[k];
+                total.sum_sq[k] += p.sum_sq[k];
+            }
+        }
+        total
+    }
+
+    /// Direct convolution, one output row per block: the row's 3 × 3 × c_in patches, then [`kernel`].
+    fn run_direct(
+        &self,
+        inputs: &[(&[f32], usize)],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        par: &Parallel,
+    ) -> Vec<ChannelSums> {
+        let depth = 9 * self.c_in;
+        let k = self.k_out;
+        let rows_padded = w.div_ceil(MR) * MR;
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        par.map_blocks(
+            h,
+            || vec![0f32; rows_padded * depth],
+            |patches, y| {
+                for x in 0..w {
+                    let row = &mut patches[x * depth..][..depth];
+                    for tap in 0..9 {
+                        let (sy, sx) = (
+                            y as isize + tap as isize / 3 - 1,
+                            x as isize + tap as isize % 3 - 1,
+                        );
+                        let inside = sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize;
+                        let mut c_off = tap * self.c_in;
+                        for &(data, c) in inputs {
+                            let dst = &mut row[c_off..][..c];
+                            if inside {
+                                dst.copy_from_slice(
+                                    &data[(sy as usize * w + sx as usize) * c..][..c],
+                                );
+                            } else {
+                                dst.fill(0.0);
+                            }
+                            c_off += c;
+                        }
+                    }
+                }
+                // SAFETY: row y of the output belongs to this block; the patch buffer holds rows_padded rows.
+                let out_row =
+                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(y * w * k), w * k) };
+                for x0 in (0..w).step_by(MR) {
+                    for p in 0..self.panels {
+                        unsafe {
+                            kernel::run(
+                                depth,
+                                Rows {
+                                    v: patches.as_ptr().add(x0 * depth),
+                                    v_stride: depth,
+                                    rows: (w - x0).min(MR),
+                                },
+                                self.u.as_ptr().add(p * depth * NR),
+                                Some(&*(self.bias.as_ptr().add(p * NR) as *const [f32; NR])),
+                                Dst {
+                                    ptr: out_row.as_mut_ptr().add(x0 * k + p * NR),
+                                    stride: k,
+                                    lanes: (k - p * NR).min(NR),
+                                },
+                            )
+                        };
+                    }
+                }
+                let mut sums = ChannelSums {
+                    sum: vec![0f64; k],
+                    sum_sq: vec![0f64; k],
+                };
+                // float32 sums over 16 pixels at a time (vectorised), accumulated in f64
+                let mut s = vec![0f32; k];
+                let mut s2 = vec![0f32; k];
+                for group in out_row.chunks(16 * k) {
+                    s.fill(0.0);
+                    s2.fill(0.0);
+                    for px in group.chunks_exact(k) {
+                        for ((a, b), &v) in s.iter_mut().zip(s2.iter_mut()).zip(px) {
+                            *a += v;
+                            *b += v * v;
+                        }
+                    }
+                    for ch in 0..k {
+                        sums.sum[ch] += s[ch] as f64;
+                        sums.sum_sq[ch] += s2[ch] as f64;
+                    }
+                }
+                sums
+            },
+        )
+    }
+
+    fn run_winograd(
+        &self,
+        inputs: &[(&[f32], usize)],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        par: &Parallel,
+    ) -> Vec<ChannelSums> {
         let m = self.tile.m();
         let alpha2 = self.tile.alpha().pow(2);
         let geometry = Geometry {
@@ -163,12 +300,10 @@ impl Conv3x3 {
         let block = by_cache.max(kp / 2).min(per_thread).max(1).div_ceil(MR) * MR;
         let blocks = geometry.tiles.div_ceil(block);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        let partials = par.map_blocks(
+        let (v_len, m_len) = (alpha2 * block * self.c_in, alpha2 * block * kp);
+        par.map_blocks(
             blocks,
-            || Scratch {
-                v: vec![0f32; alpha2 * block * self.c_in],
-                m: vec![0f32; alpha2 * block * kp],
-            },
+            || Scratch::take(v_len, m_len),
             |scratch, b| {
                 let t0 = b * block;
                 let t1 = (t0 + block).min(geometry.tiles);
@@ -190,18 +325,7 @@ impl Conv3x3 {
                 };
                 sums
             },
-        );
-        let mut total = ChannelSums {
-            sum: vec![0f64; self.k_out],
-            sum_sq: vec![0f64; self.k_out],
-        };
-        for p in partials {
-            for k in 0..self.k_out {
-                total.sum[k] += p.sum[k];
-                total.sum_sq[k] += p.sum_sq[k];
-            }
-        }
-        total
+        )
     }
 
     /// # Safety
@@ -217,17 +341,35 @@ impl Conv3x3 {
         out: *mut f32,
         sums: &mut ChannelSums,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return self.block_avx512(inputs, geo, tiles, block, scratch, out, sums);
+        match isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => self.block_avx512(inputs, geo, tiles, block, scratch, out, sums),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => self.block_avx2(inputs, geo, tiles, block, scratch, out, sums),
+            _ => self.block_impl(inputs, geo, tiles, block, scratch, out, sums),
         }
-        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block_avx512(
+        &self,
+        inputs: &[(&[f32], usize)],
+        geo: &Geometry,
+        tiles: std::ops::Range<usize>,
+        block: usize,
+        scratch: &mut Scratch,
+        out: *mut f32,
+        sums: &mut ChannelSums,
+    ) {
+        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_avx2(
         &self,
         inputs: &[(&[f32], usize)],
         geo: &Geometry,
@@ -429,9 +571,57 @@ struct Geometry {
     tiles: usize,
 }
 
+/// A thread's V and M buffers, kept between calls (allocating and zeroing them per layer costs more than the
+/// small layers' work). Nothing is read before it is written in a call, except V's padding rows, which each block
+/// zeroes.
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Scratch {
+    fn take(v_len: usize, m_len: usize) -> ScratchGuard {
+        let mut s = SCRATCH
+            .with(|cell| cell.borrow_mut().take())
+            .unwrap_or(Scratch {
+                v: Vec::new(),
+                m: Vec::new(),
+            });
+        if s.v.len() < v_len {
+            s.v.resize(v_len, 0.0);
+        }
+        if s.m.len() < m_len {
+            s.m.resize(m_len, 0.0);
+        }
+        ScratchGuard(Some(s))
+    }
+}
+
+/// Gives the scratch back to its thread when the call is done.
+struct ScratchGuard(Option<Scratch>);
+
+impl std::ops::Deref for ScratchGuard {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        self.0.as_ref().expect("scratch present until drop")
+    }
+}
+
+impl std::ops::DerefMut for ScratchGuard {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        self.0.as_mut().expect("scratch present until drop")
+    }
+}
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        let scratch = self.0.take();
+        SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+    }
 }
 
 type Vector = [f32; L];
@@ -597,10 +787,15 @@ mod tests {
     }
 
     #[test]
-    fn winograd_matches_direct_convolution_on_odd_sizes_and_concatenated_inputs() {
-        // 19 x 22 is not a multiple of either tile; 3 + 20 channels exercise partial lanes and two inputs;
-        // 40 outputs a partial weight panel.
-        let (h, w, c1, c2, k) = (19, 22, 3, 20, 40);
+    fn convolutions_match_the_direct_sum_on_odd_sizes_and_concatenated_inputs() {
+        // 19 x 22 is not a multiple of either tile; 3 + 20 channels (Winograd) exercise partial lanes and two
+        // inputs, 2 + 3 channels take the direct path; 40 outputs leave a partial weight panel.
+        for (c1, c2) in [(3, 20), (2, 3)] {
+            check_conv(19, 22, c1, c2, 40);
+        }
+    }
+
+    fn check_conv(h: usize, w: usize, c1: usize, c2: usize, k: usize) {
         let a = values(h * w * c1, 1);
         let b = values(h * w * c2, 2);
         let wt = values(k * (c1 + c2) * 9, 3);
@@ -618,22 +813,26 @@ mod tests {
                 let conv = Conv3x3::new(tile, &wt, &bias, k, c1 + c2);
                 let mut out = vec![f32::NAN; h * w * k];
                 let sums = conv.run(&[(&a, c1), (&b, c2)], h, w, &mut out, &par);
+                let what = format!(
+                    "{} ({c1} + {c2} channels), {threads} threads",
+                    conv.algorithm()
+                );
                 let max = want
                     .iter()
                     .zip(&out)
                     .map(|(w, g)| (w - *g as f64).abs())
                     .fold(0f64, f64::max);
-                assert!(max < 2e-4, "{tile:?}, {threads} threads: max |diff| {max}");
+                assert!(max < 2e-4, "{what}: max |diff| {max}");
                 for kk in 0..k {
                     let s: f64 = (0..h * w).map(|p| out[p * k + kk] as f64).sum();
                     let s2: f64 = (0..h * w).map(|p| (out[p * k + kk] as f64).powi(2)).sum();
                     assert!(
                         (sums.sum[kk] - s).abs() < 1e-3 * (1.0 + s.abs()),
-                        "sum {kk}"
+                        "{what}: sum {kk}"
                     );
                     assert!(
                         (sums.sum_sq[kk] - s2).abs() < 1e-3 * (1.0 + s2),
-                        "sum_sq {kk}"
+                        "{what}: sum_sq {kk}"
                     );
                 }
             }
