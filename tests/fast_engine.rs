@@ -1,8 +1,11 @@
-//! The fast kernels against the unmodified graph: the bundled model's logits from `Kernels::Fast` must equal
-//! tract's own (`Kernels::Tract`) within 1e-4 on real CT inputs (network input built by the server's own
-//! pipeline from the held-out CT) and on the parity fixture input, at the model's 512 × 512 and at 256 × 256
-//! (the size of NVIDIA's Clara model); the masks (logit ≥ 0) may differ only where |logit| is below that bound.
+//! The fast kernels against the unmodified graph run by tract's own kernels, on real CT inputs (network inputs
+//! built by the server's pipeline from the held-out CT) and the parity fixture input, at the model's 512 × 512
+//! and at 256 × 256 (the size of NVIDIA's Clara model), with 1 and 2 threads. The two agree within tract's own
+//! float32 error (model_parity.rs checks each engine against the exact model), and their masks (logit ≥ 0) may
+//! differ only where |logit| is below that bound. The opt-in F(4 × 4, 3 × 3) kernels give masks with Dice ≥ 0.99
+//! against the default ones.
 
+use std::io::Read;
 use std::path::Path;
 
 use deepgrow_server::deepgrow::{self, Clicks};
@@ -11,7 +14,8 @@ use deepgrow_server::models::read_model_config;
 use deepgrow_server::nifti_io::{decode, DecodeLimits};
 use ndarray::{Array2, Array4};
 
-const MAX_DIFF: f32 = 1e-4;
+/// tract's own float32 error on the trained weights is about 1e-3 (model_parity.rs).
+const MAX_DIFF: f32 = 2e-3;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,12 +40,13 @@ fn ct_inputs() -> Vec<Array4<f32>> {
         .unwrap()
         .unwrap();
     let spacing = deepgrow::in_plane_spacing(&volume.geometry.affine).unwrap();
-    [[[60.0, 45.0, 12.0]], [[40.0, 60.0, 8.0]]]
+    // the centres of the liver (slice 24) and the right kidney (slice 8), where the label is largest
+    [[82.0, 57.0, 24.0], [81.0, 34.0, 8.0]]
         .iter()
-        .map(|fg| {
+        .map(|&fg| {
             let clicks = Clicks {
-                foreground: fg.to_vec(),
-                background: vec![[90.0, 20.0, fg[0][2]]],
+                foreground: vec![fg],
+                background: vec![[110.0, 5.0, fg[2]]],
                 slice: None,
             };
             let guidance = deepgrow::choose_slice(&clicks, volume.geometry.shape).unwrap();
@@ -74,6 +79,21 @@ fn compare(reference: &Array2<f32>, fast: &Array2<f32>, what: &str) {
     eprintln!("{what}: max |fast - tract| = {max:.2e}, {mask_flips} mask pixels differ");
 }
 
+fn dice(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
+    let (mut both, mut na, mut nb) = (0usize, 0usize, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        let (p, q) = (*x >= 0.0, *y >= 0.0);
+        both += (p && q) as usize;
+        na += p as usize;
+        nb += q as usize;
+    }
+    if na + nb == 0 {
+        1.0
+    } else {
+        2.0 * both as f64 / (na + nb) as f64
+    }
+}
+
 #[test]
 fn fast_kernels_match_tract_on_the_bundled_model() {
     let tract = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Tract).unwrap();
@@ -90,6 +110,85 @@ fn fast_kernels_match_tract_on_the_bundled_model() {
         let got = fast.infer(input).unwrap();
         compare(&want, &got, &format!("input {n}"));
     }
+}
+
+/// The network inputs MONAI produced for the golden cases (tests/fixtures/golden), with their size.
+fn golden_inputs() -> Vec<(String, Array4<f32>)> {
+    let dir = root().join("tests/fixtures/golden");
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    cases
+        .into_iter()
+        .filter(|c| c.join("network_input.f32.gz").is_file())
+        .map(|case| {
+            let meta: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
+                    .unwrap();
+            let shape: Vec<usize> =
+                serde_json::from_value(meta["files"]["network_input.f32.gz"].clone()).unwrap();
+            let mut bytes = Vec::new();
+            flate2::read::GzDecoder::new(
+                std::fs::File::open(case.join("network_input.f32.gz")).unwrap(),
+            )
+            .read_to_end(&mut bytes)
+            .unwrap();
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let input =
+                Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values).unwrap();
+            (
+                case.file_name().unwrap().to_string_lossy().into_owned(),
+                input,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn opt_in_f4_kernels_give_the_same_masks() {
+    let mut inputs: Vec<(String, Array4<f32>)> = ct_inputs()
+        .into_iter()
+        .enumerate()
+        .map(|(n, x)| (format!("CT input {n}"), x))
+        .collect();
+    inputs.extend(golden_inputs());
+    let mut engines = std::collections::HashMap::new();
+    let mut compared = 0;
+    for (name, input) in inputs {
+        let size = [input.shape()[2], input.shape()[3]];
+        if size.iter().any(|s| s % 16 != 0) {
+            continue; // the bundled export assumes sides divisible by 16 (four 2 x 2 poolings)
+        }
+        let (fast, f4) = engines.entry(size).or_insert_with(|| {
+            (
+                TractEngine::load(&model_path(), size, 2, Kernels::Fast).unwrap(),
+                TractEngine::load(&model_path(), size, 2, Kernels::FastF4).unwrap(),
+            )
+        });
+        assert_eq!(f4.kernels(), Kernels::FastF4);
+        let want = fast.infer(input.clone()).unwrap();
+        let got = f4.infer(input).unwrap();
+        let max = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let d = dice(&want, &got);
+        eprintln!("{name}: F(4x4) vs F(2x2) max |diff| {max:.2e}, mask Dice {d:.5}");
+        if want.iter().filter(|v| **v >= 0.0).count() >= 100 {
+            assert!(d >= 0.99, "{name}: mask Dice {d}");
+            compared += 1;
+        }
+    }
+    assert!(
+        compared >= 4,
+        "only {compared} inputs gave a mask to compare"
+    );
 }
 
 #[test]

@@ -101,6 +101,7 @@ def check(model_path: Path, seed: int | None = None, threads: int = 1) -> dict:
         "onnxruntime_version": onnxruntime.__version__,
         "torch_version": torch.__version__,
         "_y_ort_fix": y_ort_fix,
+        "_y_f64_fix": y_f64_fix,
     }
 
 
@@ -113,6 +114,9 @@ def write_fixture(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sub = np.ascontiguousarray(y[0, 0, ::STRIDE, ::STRIDE]).astype("<f4")
     (out_dir / "logits_stride4.f32").write_bytes(sub.tobytes())
+    # the exact model's answer (PyTorch in float64), rounded to float32: what engines are measured against
+    exact = np.ascontiguousarray(report["_y_f64_fix"][0, 0, ::STRIDE, ::STRIDE]).astype("<f4")
+    (out_dir / "logits_f64_stride4.f32").write_bytes(exact.tobytes())
     y64 = y.astype(np.float64)
     summary = {
         "formula": dm.FIXTURE_FORMULA,
@@ -126,6 +130,7 @@ def write_fixture(report: dict, out_dir: Path) -> None:
         "model_sha256": report["model_sha256"],
         "stats_of": "all 1x1x512x512 logits (float64 accumulation, population std)",
         "values_file": "logits_stride4.f32: little-endian float32 pred[0,0,::4,::4], 128x128, row-major (h, then w)",
+        "exact_values_file": "logits_f64_stride4.f32: the same positions from PyTorch in float64, rounded to float32",
         "torch_vs_onnxruntime_max_abs_diff": report["torch_vs_ort_max_abs_diff_fixture"],
         "torch_float64_vs_onnxruntime_max_abs_diff": report["torch_f64_vs_ort_max_abs_diff_fixture"],
     }
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
         and rep["torch_vs_ort_max_abs_diff_randn"] <= args.max_diff and rep["weights_equal_seeded_init"] is not False
     if args.write_fixture:
         write_fixture(rep, args.fixture_dir)
-        print(f"wrote {args.fixture_dir}/logits_stride4.f32 and summary.json")
+        print(f"wrote {args.fixture_dir}/logits_stride4.f32, logits_f64_stride4.f32 and summary.json")
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
