@@ -148,6 +148,10 @@ impl Dense {
         self.k_out
     }
 
+    pub fn c_in(&self) -> usize {
+        self.c_in
+    }
+
     /// Computes the products for pixels `x[p0..p1]` (contiguous NHWC rows); pixel `p`'s output row starts at
     /// `dst(p)`, and consecutive pixels' rows lie `dst_stride` floats apart.
     ///
@@ -225,6 +229,10 @@ impl Upsample2x2 {
         self.taps[0].k_out
     }
 
+    pub fn c_in(&self) -> usize {
+        self.taps[0].c_in
+    }
+
     /// `x` is `h × w × c_in`, `out` is `2h × 2w × k_out`.
     pub fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], par: &Parallel) {
         let k = self.k_out();
@@ -298,10 +306,7 @@ mod tests {
     fn norm_act_normalises_each_channel_then_leaks() {
         let (pixels, c) = (300, 5);
         let mut x = values(pixels * c, 4);
-        let mut sums = ChannelSums {
-            sum: vec![0.0; c],
-            sum_sq: vec![0.0; c],
-        };
+        let mut sums = ChannelSums::zeros(c);
         for p in 0..pixels {
             for ch in 0..c {
                 sums.sum[ch] += x[p * c + ch] as f64;

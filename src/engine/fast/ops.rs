@@ -2,6 +2,7 @@
 //! the custom nodes [`super::rewrite`] puts in the graph. Weights are inputs of those nodes (the model's
 //! initializers); the parsers read them as constants and transform them once, at load time.
 
+use std::fmt;
 use std::sync::Arc;
 
 use tract_hir::internal::*;
@@ -19,12 +20,11 @@ pub const UPSAMPLE: &str = "DeepgrowConvTranspose2x2";
 /// The domain of the custom nodes (they never leave the process).
 pub const DOMAIN: &str = "deepgrow.fast";
 
-/// Registers the parsers of the custom nodes.
+/// Registers the parser of the custom nodes.
 pub fn register(reg: &mut OnnxOpRegister) {
-    reg.insert(CONV3X3, parse_conv3x3);
-    reg.insert(POINTWISE, parse_pointwise);
-    reg.insert(MAX_POOL, parse_max_pool);
-    reg.insert(UPSAMPLE, parse_upsample);
+    for name in [CONV3X3, POINTWISE, MAX_POOL, UPSAMPLE] {
+        reg.insert(name, parse);
+    }
 }
 
 fn nhwc(input: &TypedFact) -> TractResult<[usize; 3]> {
@@ -69,424 +69,268 @@ fn const_input(model: &TypedModel, outlet: OutletId, what: &str) -> TractResult<
     Ok(t)
 }
 
-/// Rules shared by the parsers: float32 in and out, rank 4, the batch and the given output channels.
-fn nhwc_rules<'r, 'p: 'r>(
-    s: &mut Solver<'r>,
-    inputs: &'p [TensorProxy],
-    outputs: &'p [TensorProxy],
-    k_out: Option<usize>,
-) -> InferenceResult {
-    check_output_arity(outputs, 1)?;
-    s.equals(&outputs[0].datum_type, f32::datum_type())?;
-    s.equals(&inputs[0].datum_type, f32::datum_type())?;
-    s.equals(&outputs[0].rank, 4)?;
-    s.equals(&inputs[0].rank, 4)?;
-    s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-    if let Some(k) = k_out {
-        s.equals(&outputs[0].shape[3], k.to_dim())?;
-    } else {
-        s.equals(&outputs[0].shape[3], &inputs[0].shape[3])?;
+// ------------------------------------------------------------------------------------------------ the ops
+
+/// One layer on NHWC images, as a fast op computes it.
+trait Layer: fmt::Debug + Send + Sync + 'static {
+    const NAME: &'static str;
+    /// The output's `[h, w, c]` from the inputs' (checked against what the layer was built for).
+    fn output_dims(&self, inputs: &[[usize; 3]]) -> TractResult<[usize; 3]>;
+    /// Writes every element of `out` from `inputs` (NHWC data with its `[h, w, c]`).
+    fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel);
+    fn info(&self) -> String {
+        String::new()
     }
-    Ok(())
 }
 
-// ------------------------------------------------------------------------------------------------ 3 x 3 conv
+/// The tract op of a [`Layer`]: shared, built once at load time, compared by identity.
+#[derive(Debug)]
+struct FastOp<L: Layer>(Arc<L>);
+
+impl<L: Layer> Clone for FastOp<L> {
+    fn clone(&self) -> Self {
+        FastOp(self.0.clone())
+    }
+}
+
+impl<L: Layer> PartialEq for FastOp<L> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl<L: Layer> Eq for FastOp<L> {}
+
+impl<L: Layer> Op for FastOp<L> {
+    fn name(&self) -> StaticName {
+        L::NAME.into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![self.0.info()])
+    }
+    op_as_typed_op!();
+}
+
+impl<L: Layer> EvalOp for FastOp<L> {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let dims = inputs
+            .iter()
+            .map(|t| nhwc_of(t.shape()))
+            .collect::<TractResult<Vec<_>>>()?;
+        let [h, w, c] = self.0.output_dims(&dims)?;
+        let data = inputs
+            .iter()
+            .map(|t| plain(t))
+            .collect::<TractResult<Vec<_>>>()?;
+        let parts: Vec<_> = data.into_iter().zip(dims).collect();
+        let out = f32_output([1, h, w, c], |out| {
+            self.0.compute(&parts, out, &Parallel::current())
+        })?;
+        Ok(tvec!(out))
+    }
+}
+
+impl<L: Layer> TypedOp for FastOp<L> {
+    as_op!();
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let dims = inputs
+            .iter()
+            .map(|f| nhwc(f))
+            .collect::<TractResult<Vec<_>>>()?;
+        let [h, w, c] = self.0.output_dims(&dims)?;
+        Ok(tvec!(f32::fact([1, h, w, c])))
+    }
+}
 
 /// 3 × 3 convolution (stride 1, padding 1) of the channel-concatenation of its inputs, with an optional
 /// instance norm and LeakyReLU after it.
-#[derive(Debug, Clone)]
-pub struct ConvBlock {
-    conv: Arc<Conv3x3>,
-    channels: TVec<usize>,
-    norm: Option<Arc<NormAct>>,
+#[derive(Debug)]
+struct ConvBlock {
+    conv: Conv3x3,
+    channels: Vec<usize>,
+    norm: Option<NormAct>,
 }
 
-impl PartialEq for ConvBlock {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.conv, &other.conv)
-    }
-}
-impl Eq for ConvBlock {}
+impl Layer for ConvBlock {
+    const NAME: &'static str = CONV3X3;
 
-impl Op for ConvBlock {
-    fn name(&self) -> StaticName {
-        CONV3X3.into()
+    fn output_dims(&self, inputs: &[[usize; 3]]) -> TractResult<[usize; 3]> {
+        let [h, w, _] = inputs[0];
+        let channels: Vec<usize> = inputs.iter().map(|d| d[2]).collect();
+        ensure!(
+            inputs.iter().all(|d| d[..2] == [h, w]) && channels == self.channels,
+            "inputs {inputs:?}, expected {h} x {w} images of {:?} channels",
+            self.channels
+        );
+        Ok([h, w, self.conv.k_out()])
     }
-    fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "{} {:?} -> {}, norm: {}",
+
+    fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
+        let [h, w, _] = inputs[0].1;
+        let parts: Vec<(&[f32], usize)> = inputs.iter().map(|(data, d)| (*data, d[2])).collect();
+        let sums = self.conv.run(&parts, h, w, out, par);
+        if let Some(norm) = &self.norm {
+            norm.apply(out, h * w, &sums, par);
+        }
+    }
+
+    fn info(&self) -> String {
+        let norm = if self.norm.is_some() {
+            ", instance norm"
+        } else {
+            ""
+        };
+        format!(
+            "{} {:?} -> {}{norm}",
             self.conv.algorithm(),
             self.channels,
-            self.conv.k_out(),
-            self.norm.is_some()
-        )])
-    }
-    op_as_typed_op!();
-}
-
-impl EvalOp for ConvBlock {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == self.channels.len());
-        let [h, w, _] = nhwc_of(inputs[0].shape())?;
-        let mut parts = Vec::with_capacity(inputs.len());
-        for (t, &c) in inputs.iter().zip(&self.channels) {
-            ensure!(
-                t.shape() == [1, h, w, c],
-                "input shape {:?}, expected [1, {h}, {w}, {c}]",
-                t.shape()
-            );
-            parts.push((plain(t)?, c));
-        }
-        let par = Parallel::current();
-        let out = f32_output([1, h, w, self.conv.k_out()], |data| {
-            let sums = self.conv.run(&parts, h, w, data, &par);
-            if let Some(norm) = &self.norm {
-                norm.apply(data, h * w, &sums, &par);
-            }
-        })?;
-        Ok(tvec!(out))
+            self.conv.k_out()
+        )
     }
 }
 
-impl TypedOp for ConvBlock {
-    as_op!();
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [h, w, _] = nhwc(inputs[0])?;
-        Ok(tvec!(f32::fact([1, h, w, self.conv.k_out()])))
-    }
-}
+impl Layer for Dense {
+    const NAME: &'static str = POINTWISE;
 
-#[derive(Debug, Clone)]
-struct ConvBlockExpansion {
-    tile: Tile,
-    inputs: usize,
-    k_out: usize,
-    norm: bool,
-    epsilon: f32,
-    leaky: Option<f32>,
-}
-
-fn parse_conv3x3(
-    _ctx: &ParsingContext,
-    node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let norm = node.get_attr_opt::<i64>("norm")?.unwrap_or(0) == 1;
-    let leaky = node.get_attr_opt::<f32>("leaky_alpha")?;
-    let tile = match node.get_attr_opt::<i64>("winograd_m")? {
-        Some(4) => Tile::F4,
-        _ => Tile::F2,
-    };
-    Ok((
-        expand(ConvBlockExpansion {
-            tile,
-            inputs: node.get_attr::<i64>("inputs")? as usize,
-            k_out: node.get_attr::<i64>("k_out")? as usize,
-            norm,
-            epsilon: node.get_attr_opt::<f32>("epsilon")?.unwrap_or(1e-5),
-            leaky,
-        }),
-        vec![],
-    ))
-}
-
-impl Expansion for ConvBlockExpansion {
-    fn name(&self) -> StaticName {
-        CONV3X3.into()
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        check_input_arity(inputs, self.inputs + 2 + 2 * self.norm as usize)?;
-        nhwc_rules(s, inputs, outputs, Some(self.k_out))?;
-        s.equals(&outputs[0].shape[1], &inputs[0].shape[1])?;
-        s.equals(&outputs[0].shape[2], &inputs[0].shape[2])?;
-        Ok(())
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        let n = self.inputs;
-        let weights = const_input(model, inputs[n], "conv weights")?;
-        let bias = const_input(model, inputs[n + 1], "conv bias")?;
-        let ws = weights.shape();
+    fn output_dims(&self, inputs: &[[usize; 3]]) -> TractResult<[usize; 3]> {
+        let [h, w, c] = inputs[0];
         ensure!(
-            ws.len() == 4 && ws[0] == self.k_out && ws[2] == 3 && ws[3] == 3,
-            "conv weights {ws:?}"
+            c == self.c_in(),
+            "1x1 conv of {c} channels, expected {}",
+            self.c_in()
         );
-        let mut channels = tvec!();
-        for &i in &inputs[..n] {
-            channels.push(nhwc(model.outlet_fact(i)?)?[2]);
-        }
-        ensure!(
-            channels.iter().sum::<usize>() == ws[1],
-            "inputs {channels:?} vs weights {ws:?}"
-        );
-        let conv = Conv3x3::new(
-            self.tile,
-            plain(&weights)?,
-            plain(&bias)?,
-            self.k_out,
-            ws[1],
-        );
-        let norm = if self.norm {
-            let gamma = const_input(model, inputs[n + 2], "norm scale")?;
-            let beta = const_input(model, inputs[n + 3], "norm bias")?;
-            Some(Arc::new(NormAct {
-                gamma: plain(&gamma)?.to_vec(),
-                beta: plain(&beta)?.to_vec(),
-                epsilon: self.epsilon,
-                leaky: self.leaky,
-            }))
-        } else {
-            None
-        };
-        let op = ConvBlock {
-            conv: Arc::new(conv),
-            channels,
-            norm,
-        };
-        model.wire_node(prefix, op, &inputs[..n])
-    }
-}
-
-// ------------------------------------------------------------------------------------------------ 1 x 1 conv
-
-/// 1 × 1 convolution.
-#[derive(Debug, Clone)]
-pub struct Pointwise(Arc<Dense>);
-
-impl PartialEq for Pointwise {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-impl Eq for Pointwise {}
-
-impl Op for Pointwise {
-    fn name(&self) -> StaticName {
-        POINTWISE.into()
-    }
-    op_as_typed_op!();
-}
-
-impl EvalOp for Pointwise {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [h, w, _] = nhwc_of(inputs[0].shape())?;
-        let x = plain(&inputs[0])?;
-        let out = f32_output([1, h, w, self.0.k_out()], |data| {
-            self.0.pointwise(x, h * w, data, &Parallel::current())
-        })?;
-        Ok(tvec!(out))
-    }
-}
-
-impl TypedOp for Pointwise {
-    as_op!();
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [h, w, _] = nhwc(inputs[0])?;
-        Ok(tvec!(f32::fact([1, h, w, self.0.k_out()])))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct PointwiseExpansion {
-    k_out: usize,
-}
-
-fn parse_pointwise(
-    _ctx: &ParsingContext,
-    node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let k_out = node.get_attr::<i64>("k_out")? as usize;
-    Ok((expand(PointwiseExpansion { k_out }), vec![]))
-}
-
-impl Expansion for PointwiseExpansion {
-    fn name(&self) -> StaticName {
-        POINTWISE.into()
+        Ok([h, w, self.k_out()])
     }
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        nhwc_rules(s, inputs, outputs, Some(self.k_out))?;
-        s.equals(&outputs[0].shape[1], &inputs[0].shape[1])?;
-        s.equals(&outputs[0].shape[2], &inputs[0].shape[2])?;
-        Ok(())
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        let weights = const_input(model, inputs[1], "conv weights")?;
-        let bias = const_input(model, inputs[2], "conv bias")?;
-        let ws = weights.shape().to_vec();
-        ensure!(
-            ws.len() == 4 && ws[0] == self.k_out && ws[2] == 1 && ws[3] == 1,
-            "1x1 conv weights {ws:?}"
-        );
-        let c_in = ws[1];
-        ensure!(
-            nhwc(model.outlet_fact(inputs[0])?)?[2] == c_in,
-            "1x1 conv input channels"
-        );
-        let w = plain(&weights)?;
-        let dense = Dense::new(self.k_out, c_in, |k, c| w[k * c_in + c], plain(&bias)?);
-        model.wire_node(prefix, Pointwise(Arc::new(dense)), &inputs[..1])
+    fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
+        let (x, [h, w, _]) = inputs[0];
+        self.pointwise(x, h * w, out, par)
     }
 }
-
-// ------------------------------------------------------------------------------------------------ max pool
 
 /// 2 × 2 max pooling, stride 2.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MaxPool2x2;
+#[derive(Debug)]
+struct MaxPool2x2;
 
-impl Op for MaxPool2x2 {
-    fn name(&self) -> StaticName {
-        MAX_POOL.into()
+impl Layer for MaxPool2x2 {
+    const NAME: &'static str = MAX_POOL;
+
+    fn output_dims(&self, inputs: &[[usize; 3]]) -> TractResult<[usize; 3]> {
+        let [h, w, c] = inputs[0];
+        Ok([h / 2, w / 2, c])
     }
-    op_as_typed_op!();
-}
 
-impl EvalOp for MaxPool2x2 {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [h, w, c] = nhwc_of(inputs[0].shape())?;
-        let x = plain(&inputs[0])?;
-        let out = f32_output([1, h / 2, w / 2, c], |data| {
-            max_pool_2x2(x, h, w, c, data, &Parallel::current())
-        })?;
-        Ok(tvec!(out))
+    fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
+        let (x, [h, w, c]) = inputs[0];
+        max_pool_2x2(x, h, w, c, out, par)
     }
 }
 
-impl TypedOp for MaxPool2x2 {
-    as_op!();
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [h, w, c] = nhwc(inputs[0])?;
-        Ok(tvec!(f32::fact([1, h / 2, w / 2, c])))
+impl Layer for Upsample2x2 {
+    const NAME: &'static str = UPSAMPLE;
+
+    fn output_dims(&self, inputs: &[[usize; 3]]) -> TractResult<[usize; 3]> {
+        let [h, w, c] = inputs[0];
+        ensure!(
+            c == self.c_in(),
+            "transposed conv of {c} channels, expected {}",
+            self.c_in()
+        );
+        Ok([2 * h, 2 * w, self.k_out()])
+    }
+
+    fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
+        let (x, [h, w, _]) = inputs[0];
+        self.run(x, h, w, out, par)
     }
 }
 
+// ------------------------------------------------------------------------------------------------ parsing
+
+/// A custom node as parsed: which layer, and its attributes. Its inputs are the activations, then the
+/// constants (weights, bias, and for a norm its scale and bias).
 #[derive(Debug, Clone)]
-struct MaxPoolExpansion;
-
-fn parse_max_pool(
-    _ctx: &ParsingContext,
-    _node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(MaxPoolExpansion), vec![]))
+enum FastNode {
+    Conv3x3 {
+        tile: Tile,
+        inputs: usize,
+        k_out: usize,
+        norm: Option<(f32, Option<f32>)>,
+    },
+    Pointwise {
+        k_out: usize,
+    },
+    MaxPool,
+    Upsample {
+        k_out: usize,
+    },
 }
 
-impl Expansion for MaxPoolExpansion {
-    fn name(&self) -> StaticName {
-        MAX_POOL.into()
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        nhwc_rules(s, inputs, outputs, None)?;
-        for axis in [1, 2] {
-            s.given(&inputs[0].shape[axis], move |s, d| {
-                s.equals(&outputs[0].shape[axis], d.clone() / 2)
-            })?;
-        }
-        Ok(())
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, MaxPool2x2, inputs)
-    }
-}
-
-// ------------------------------------------------------------------------------------------------ upsample
-
-/// 2 × 2 transposed convolution with stride 2.
-#[derive(Debug, Clone)]
-pub struct Upsample(Arc<Upsample2x2>);
-
-impl PartialEq for Upsample {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-impl Eq for Upsample {}
-
-impl Op for Upsample {
-    fn name(&self) -> StaticName {
-        UPSAMPLE.into()
-    }
-    op_as_typed_op!();
-}
-
-impl EvalOp for Upsample {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [h, w, _] = nhwc_of(inputs[0].shape())?;
-        let x = plain(&inputs[0])?;
-        let out = f32_output([1, 2 * h, 2 * w, self.0.k_out()], |data| {
-            self.0.run(x, h, w, data, &Parallel::current())
-        })?;
-        Ok(tvec!(out))
-    }
-}
-
-impl TypedOp for Upsample {
-    as_op!();
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [h, w, _] = nhwc(inputs[0])?;
-        Ok(tvec!(f32::fact([1, 2 * h, 2 * w, self.0.k_out()])))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct UpsampleExpansion {
-    k_out: usize,
-}
-
-fn parse_upsample(
+fn parse(
     _ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let k_out = node.get_attr::<i64>("k_out")? as usize;
-    Ok((expand(UpsampleExpansion { k_out }), vec![]))
+    let k_out = || -> TractResult<usize> { Ok(node.get_attr::<i64>("k_out")? as usize) };
+    let parsed = match node.op_type.as_str() {
+        CONV3X3 => FastNode::Conv3x3 {
+            tile: match node.get_attr_opt::<i64>("winograd_m")? {
+                Some(4) => Tile::F4,
+                _ => Tile::F2,
+            },
+            inputs: node.get_attr::<i64>("inputs")? as usize,
+            k_out: k_out()?,
+            norm: (node.get_attr_opt::<i64>("norm")? == Some(1)).then_some((
+                node.get_attr_opt::<f32>("epsilon")?.unwrap_or(1e-5),
+                node.get_attr_opt::<f32>("leaky_alpha")?,
+            )),
+        },
+        POINTWISE => FastNode::Pointwise { k_out: k_out()? },
+        MAX_POOL => FastNode::MaxPool,
+        UPSAMPLE => FastNode::Upsample { k_out: k_out()? },
+        other => bail!("not a fast node: {other}"),
+    };
+    Ok((expand(parsed), vec![]))
 }
 
-impl Expansion for UpsampleExpansion {
+impl FastNode {
+    /// (activation inputs, constant inputs, output channels, spatial scale of the output)
+    fn arity(&self) -> (usize, usize, Option<usize>, Scale) {
+        match *self {
+            FastNode::Conv3x3 {
+                inputs,
+                k_out,
+                norm,
+                ..
+            } => (
+                inputs,
+                2 + 2 * norm.is_some() as usize,
+                Some(k_out),
+                Scale::Same,
+            ),
+            FastNode::Pointwise { k_out } => (1, 2, Some(k_out), Scale::Same),
+            FastNode::MaxPool => (1, 0, None, Scale::Half),
+            FastNode::Upsample { k_out } => (1, 2, Some(k_out), Scale::Double),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Scale {
+    Same,
+    Half,
+    Double,
+}
+
+impl Expansion for FastNode {
     fn name(&self) -> StaticName {
-        UPSAMPLE.into()
+        match self {
+            FastNode::Conv3x3 { .. } => CONV3X3,
+            FastNode::Pointwise { .. } => POINTWISE,
+            FastNode::MaxPool => MAX_POOL,
+            FastNode::Upsample { .. } => UPSAMPLE,
+        }
+        .into()
     }
 
     fn rules<'r, 'p: 'r, 's: 'r>(
@@ -495,11 +339,26 @@ impl Expansion for UpsampleExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        nhwc_rules(s, inputs, outputs, Some(self.k_out))?;
+        let (activations, constants, k_out, scale) = self.arity();
+        check_input_arity(inputs, activations + constants)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&outputs[0].rank, 4)?;
+        s.equals(&inputs[0].rank, 4)?;
+        s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+        match k_out {
+            Some(k) => s.equals(&outputs[0].shape[3], k.to_dim())?,
+            None => s.equals(&outputs[0].shape[3], &inputs[0].shape[3])?,
+        }
         for axis in [1, 2] {
             s.given(&inputs[0].shape[axis], move |s, d| {
-                s.equals(&outputs[0].shape[axis], d.clone() * 2)
+                let d = match scale {
+                    Scale::Same => d,
+                    Scale::Half => d / 2,
+                    Scale::Double => d * 2,
+                };
+                s.equals(&outputs[0].shape[axis], d)
             })?;
         }
         Ok(())
@@ -511,18 +370,67 @@ impl Expansion for UpsampleExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let weights = const_input(model, inputs[1], "transposed conv weights")?;
-        let bias = const_input(model, inputs[2], "transposed conv bias")?;
-        let ws = weights.shape().to_vec();
-        ensure!(
-            ws.len() == 4 && ws[1] == self.k_out && ws[2] == 2 && ws[3] == 2,
-            "transposed conv weights {ws:?}"
-        );
-        ensure!(
-            nhwc(model.outlet_fact(inputs[0])?)?[2] == ws[0],
-            "transposed conv input channels"
-        );
-        let up = Upsample2x2::new(plain(&weights)?, plain(&bias)?, ws[0], self.k_out);
-        model.wire_node(prefix, Upsample(Arc::new(up)), &inputs[..1])
+        let (n, constants, _, _) = self.arity();
+        let consts = (0..constants)
+            .map(|i| const_input(model, inputs[n + i], "a fast node's weights"))
+            .collect::<TractResult<Vec<_>>>()?;
+        let dims = inputs[..n]
+            .iter()
+            .map(|&i| nhwc(model.outlet_fact(i)?))
+            .collect::<TractResult<Vec<_>>>()?;
+        let shape = |i: usize| consts[i].shape().to_vec();
+        match *self {
+            FastNode::Conv3x3 {
+                tile, k_out, norm, ..
+            } => {
+                let ws = shape(0);
+                let channels: Vec<usize> = dims.iter().map(|d| d[2]).collect();
+                ensure!(
+                    ws.len() == 4
+                        && ws[0] == k_out
+                        && ws[2..] == [3, 3]
+                        && channels.iter().sum::<usize>() == ws[1],
+                    "3x3 conv weights {ws:?} for inputs of {channels:?} channels"
+                );
+                let conv = Conv3x3::new(tile, plain(&consts[0])?, plain(&consts[1])?, k_out, ws[1]);
+                let norm = match norm {
+                    Some((epsilon, leaky)) => Some(NormAct {
+                        gamma: plain(&consts[2])?.to_vec(),
+                        beta: plain(&consts[3])?.to_vec(),
+                        epsilon,
+                        leaky,
+                    }),
+                    None => None,
+                };
+                let layer = ConvBlock {
+                    conv,
+                    channels,
+                    norm,
+                };
+                model.wire_node(prefix, FastOp(Arc::new(layer)), &inputs[..n])
+            }
+            FastNode::Pointwise { k_out } => {
+                let ws = shape(0);
+                ensure!(
+                    ws.len() == 4 && ws[0] == k_out && ws[2..] == [1, 1],
+                    "1x1 conv weights {ws:?}"
+                );
+                let (c_in, w) = (ws[1], plain(&consts[0])?);
+                let dense = Dense::new(k_out, c_in, |k, c| w[k * c_in + c], plain(&consts[1])?);
+                model.wire_node(prefix, FastOp(Arc::new(dense)), &inputs[..n])
+            }
+            FastNode::MaxPool => {
+                model.wire_node(prefix, FastOp(Arc::new(MaxPool2x2)), &inputs[..n])
+            }
+            FastNode::Upsample { k_out } => {
+                let ws = shape(0);
+                ensure!(
+                    ws.len() == 4 && ws[1] == k_out && ws[2..] == [2, 2],
+                    "transposed conv weights {ws:?}"
+                );
+                let up = Upsample2x2::new(plain(&consts[0])?, plain(&consts[1])?, ws[0], k_out);
+                model.wire_node(prefix, FastOp(Arc::new(up)), &inputs[..n])
+            }
+        }
     }
 }

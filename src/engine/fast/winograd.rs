@@ -74,6 +74,24 @@ pub struct ChannelSums {
     pub sum_sq: Vec<f64>,
 }
 
+impl ChannelSums {
+    pub fn zeros(channels: usize) -> Self {
+        ChannelSums {
+            sum: vec![0.0; channels],
+            sum_sq: vec![0.0; channels],
+        }
+    }
+
+    fn add(&mut self, other: &ChannelSums) {
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        for (a, b) in self.sum_sq.iter_mut().zip(&other.sum_sq) {
+            *a += b;
+        }
+    }
+}
+
 impl Conv3x3 {
     /// `weights` is ONNX's `[k_out][c_in][3][3]`, `bias` has `k_out` values. The transform is computed in f64.
     pub fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
@@ -173,15 +191,9 @@ impl Conv3x3 {
         } else {
             self.run_winograd(inputs, h, w, out, par)
         };
-        let mut total = ChannelSums {
-            sum: vec![0f64; self.k_out],
-            sum_sq: vec![0f64; self.k_out],
-        };
+        let mut total = ChannelSums::zeros(self.k_out);
         for p in partials {
-            for k in 0..self.k_out {
-                total.sum[k] += p.sum[k];
-                total.sum_sq[k] += p.sum_sq[k];
-            }
+            total.add(&p);
         }
         total
     }
@@ -249,10 +261,7 @@ impl Conv3x3 {
                         };
                     }
                 }
-                let mut sums = ChannelSums {
-                    sum: vec![0f64; k],
-                    sum_sq: vec![0f64; k],
-                };
+                let mut sums = ChannelSums::zeros(k);
                 // float32 sums over 16 pixels at a time (vectorised), accumulated in f64
                 let mut s = vec![0f32; k];
                 let mut s2 = vec![0f32; k];
@@ -307,111 +316,69 @@ impl Conv3x3 {
             |scratch, b| {
                 let t0 = b * block;
                 let t1 = (t0 + block).min(geometry.tiles);
-                let mut sums = ChannelSums {
-                    sum: vec![0f64; self.k_out],
-                    sum_sq: vec![0f64; self.k_out],
-                };
+                let mut sums = ChannelSums::zeros(self.k_out);
                 // SAFETY: blocks cover disjoint tiles, so disjoint output pixels.
-                unsafe {
-                    self.block(
-                        inputs,
-                        &geometry,
-                        t0..t1,
-                        block,
-                        scratch,
-                        out_ptr.get(),
-                        &mut sums,
-                    )
+                let job = Job {
+                    inputs,
+                    geo: &geometry,
+                    tiles: t0..t1,
+                    block,
+                    out: out_ptr.get(),
                 };
+                unsafe { self.block(&job, scratch, &mut sums) };
                 sums
             },
         )
     }
 
     /// # Safety
-    /// `out` must be valid for the whole output tensor, and no other thread may write the pixels of these tiles.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        &self,
-        inputs: &[(&[f32], usize)],
-        geo: &Geometry,
-        tiles: std::ops::Range<usize>,
-        block: usize,
-        scratch: &mut Scratch,
-        out: *mut f32,
-        sums: &mut ChannelSums,
-    ) {
+    /// `job.out` must be valid for the whole output tensor, and no other thread may write the pixels of the job's
+    /// tiles.
+    unsafe fn block(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
         match isa() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => self.block_avx512(inputs, geo, tiles, block, scratch, out, sums),
+            Isa::Avx512 => self.block_avx512(job, scratch, sums),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => self.block_avx2(inputs, geo, tiles, block, scratch, out, sums),
-            _ => self.block_impl(inputs, geo, tiles, block, scratch, out, sums),
+            Isa::Avx2 => self.block_avx2(job, scratch, sums),
+            _ => self.block_impl(job, scratch, sums),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_avx512(
-        &self,
-        inputs: &[(&[f32], usize)],
-        geo: &Geometry,
-        tiles: std::ops::Range<usize>,
-        block: usize,
-        scratch: &mut Scratch,
-        out: *mut f32,
-        sums: &mut ChannelSums,
-    ) {
-        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
+    unsafe fn block_avx512(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
+        self.block_impl(job, scratch, sums)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_avx2(
-        &self,
-        inputs: &[(&[f32], usize)],
-        geo: &Geometry,
-        tiles: std::ops::Range<usize>,
-        block: usize,
-        scratch: &mut Scratch,
-        out: *mut f32,
-        sums: &mut ChannelSums,
-    ) {
-        self.block_impl(inputs, geo, tiles, block, scratch, out, sums)
+    unsafe fn block_avx2(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
+        self.block_impl(job, scratch, sums)
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block_impl(
-        &self,
-        inputs: &[(&[f32], usize)],
-        geo: &Geometry,
-        tiles: std::ops::Range<usize>,
-        block: usize,
-        scratch: &mut Scratch,
-        out: *mut f32,
-        sums: &mut ChannelSums,
-    ) {
+    unsafe fn block_impl(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
         match self.tile {
-            Tile::F2 => self.block_tiles::<2, 4, F2>(inputs, geo, tiles, block, scratch, out, sums),
-            Tile::F4 => self.block_tiles::<4, 6, F4>(inputs, geo, tiles, block, scratch, out, sums),
+            Tile::F2 => self.block_tiles::<2, 4, F2>(job, scratch, sums),
+            Tile::F4 => self.block_tiles::<4, 6, F4>(job, scratch, sums),
         }
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn block_tiles<const M: usize, const A: usize, T: Transforms<M, A>>(
         &self,
-        inputs: &[(&[f32], usize)],
-        geo: &Geometry,
-        tiles: std::ops::Range<usize>,
-        block: usize,
+        job: &Job,
         scratch: &mut Scratch,
-        out: *mut f32,
         sums: &mut ChannelSums,
     ) {
+        let Job {
+            inputs,
+            geo,
+            ref tiles,
+            block,
+            out,
+        } = *job;
+        let tiles = tiles.clone();
         let c_all = self.c_in;
         let kp = self.panels * NR;
         let n = tiles.len();
@@ -564,6 +531,16 @@ impl Conv3x3 {
     }
 }
 
+/// One block of tiles of one convolution call.
+struct Job<'a> {
+    inputs: &'a [(&'a [f32], usize)],
+    geo: &'a Geometry,
+    tiles: std::ops::Range<usize>,
+    /// rows of the scratch planes (the block size, a multiple of MR)
+    block: usize,
+    out: *mut f32,
+}
+
 struct Geometry {
     h: usize,
     w: usize,
@@ -709,9 +686,8 @@ fn input_tile<const M: usize, const A: usize, T: Transforms<M, A>>(
     let mut tmp = [[[0f32; L]; A]; A];
     for j in 0..A {
         let col: [Vector; A] = std::array::from_fn(|i| load(i, j));
-        let t = T::input(&col);
-        for i in 0..A {
-            tmp[i][j] = t[i];
+        for (row, v) in tmp.iter_mut().zip(T::input(&col)) {
+            row[j] = v;
         }
     }
     for (i, row) in tmp.iter().enumerate() {
@@ -730,9 +706,8 @@ fn output_tile<const M: usize, const A: usize, T: Transforms<M, A>>(
     let mut tmp = [[[0f32; L]; A]; M];
     for j in 0..A {
         let col: [Vector; A] = std::array::from_fn(|i| load(i * A + j));
-        let t = T::output(&col);
-        for i in 0..M {
-            tmp[i][j] = t[i];
+        for (row, v) in tmp.iter_mut().zip(T::output(&col)) {
+            row[j] = v;
         }
     }
     for (i, row) in tmp.iter().enumerate() {
