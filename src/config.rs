@@ -45,8 +45,8 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_INFERENCE_THREADS")]
     pub inference_threads: Option<usize>,
 
-    /// Kernels for the network: `fast` (Winograd convolutions and fused layers on top of tract) or `tract`
-    /// (tract's own, the unmodified graph).
+    /// Kernels for the network: `fast` (Winograd F(2x2, 3x3) convolutions and fused layers on top of tract),
+    /// `fast-f4` (Winograd F(4x4, 3x3): faster, less exact) or `tract` (tract's own, the unmodified graph).
     #[arg(long, env = "DEEPGROW_KERNELS", value_enum, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
 

@@ -244,3 +244,47 @@ fn the_rewrite_takes_every_layer_of_the_basic_unet() {
         assert!(!ops.contains(&gone), "{gone} left in the rewritten graph");
     }
 }
+
+/// A graph that mixes fusable layers with ops only tract runs, fast-op tensors read by tract ops, and a graph
+/// output produced by a fast op (tests/fixtures/fast_rewrite, `tools/make_rewrite_fixture.py`): the rewrite
+/// changes layouts where needed and the result equals tract's.
+#[test]
+fn the_rewrite_handles_mixed_graphs() {
+    let path = root().join("tests/fixtures/fast_rewrite/mixed.onnx");
+    let mut proto = {
+        use tract_onnx::prelude::Framework;
+        tract_onnx::onnx().proto_model_for_path(&path).unwrap()
+    };
+    let report = fast::rewrite(&mut proto, fast::winograd::Tile::F2);
+    assert_eq!(
+        report,
+        fast::Report {
+            conv3x3: 3,
+            pointwise: 1,
+            max_pool: 1,
+            upsample: 1,
+            fused_concats: 1,
+            fused_norms: 1,
+            // x in; a and y out (graph outputs); r into conv B; u and l into Add; Add's sum into the 1x1 conv
+            transposes: 7,
+        }
+    );
+    let tract = TractEngine::load(&path, [16, 16], 2, Kernels::Tract).unwrap();
+    let fast = TractEngine::load(&path, [16, 16], 2, Kernels::Fast).unwrap();
+    assert_eq!(fast.kernels(), Kernels::Fast);
+    let input = Array4::from_shape_fn((1, 3, 16, 16), |(_, c, h, w)| {
+        ((h * 5 + w * 3 + c * 7) % 11) as f32 / 5.0 - 1.0
+    });
+    let want = tract.infer(input.clone()).unwrap();
+    let got = fast.infer(input).unwrap();
+    let max = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-4, "mixed graph: max |fast - tract| = {max:e}");
+    assert!(
+        want.iter().any(|v| v.abs() > 0.1),
+        "the graph's output is not trivially zero"
+    );
+}

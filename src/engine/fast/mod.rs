@@ -1,8 +1,11 @@
 //! Fast CPU kernels for the convolution networks this server runs, plugged into tract as custom ops by a
 //! load-time rewrite of the ONNX graph (see `rewrite`). tract still loads, checks, optimises and runs the
 //! graph; the convolutions, norms, pooling and upsampling of a U-Net run here, on NHWC tensors: 3 × 3
-//! convolutions by Winograd F(4 × 4, 3 × 3) with a register-blocked AVX-512 matrix kernel, Concat and instance
-//! norm fused into them. Results agree with the unmodified graph to about 1e-5 (tests/fast_engine.rs).
+//! convolutions by Winograd F(2 × 2, 3 × 3) (or F(4 × 4, 3 × 3), opt-in) on a register-blocked AVX-512 or AVX2
+//! matrix kernel, with the Concat before them and the instance norm and LeakyReLU after them fused in.
+//!
+//! `rewrite` and `register` take tract-onnx's protobuf and op registry: they are public for the per-op
+//! profiler (`benches/tract_profile.rs`) and the tests; the server reaches them only through `TractEngine`.
 
 pub mod kernel;
 pub mod layers;

@@ -213,6 +213,10 @@ pub fn rewrite(model: &mut ModelProto, tile: Tile) -> Report {
         }
     }
     graph.node = out;
+    // shape hints of tensors that are NHWC now would contradict their producers
+    graph
+        .value_info
+        .retain(|v| !layouts.produced.contains(&v.name));
     report
 }
 
