@@ -30,8 +30,8 @@ Activationsd(sigmoid) -> FindDiscrepancyRegionsd -> AddRandomGuidanced -> AddGui
     # train (GPU if available), checkpoints in --work-dir every --ckpt-every steps; --resume continues from last.pt
     tools/.venv/bin/python tools/train.py --work-dir scratch/train --steps 20000
     tools/.venv/bin/python tools/train.py --work-dir scratch/train --steps 40000 --resume
-    # Dice on the held-out case per organ after 1, 3, 5, 10 simulated clicks
-    tools/.venv/bin/python tools/train.py --eval --checkpoint scratch/train/best.pt
+    # Dice on the held-out case per organ after 1, 3, 5, 10 simulated clicks (a checkpoint, or a served model.onnx)
+    tools/.venv/bin/python tools/train.py --eval --checkpoint models/deepgrow_2d/model.onnx
     # export into the served model folder (model.onnx + config.json), then refresh the parity fixture
     tools/.venv/bin/python tools/train.py --export --checkpoint scratch/train/best.pt --out-dir models/deepgrow_2d
     tools/.venv/bin/python tools/check_model.py --write-fixture
@@ -511,12 +511,31 @@ def _args_from_checkpoint(args, ck: dict):
     return args
 
 
+def load_for_eval(args):
+    """(net, checkpoint info, args) from a training checkpoint, or from a served model folder's model.onnx (its
+    weights read back from the ONNX initializers, its pipeline from the config.json beside it)."""
+    path = Path(args.checkpoint)
+    if path.suffix != ".onnx":
+        ck = load_checkpoint(path)
+        return dm.load_state_dict_into_net(ck), ck, _args_from_checkpoint(args, ck)
+    import onnx
+    from check_model import onnx_state_dict
+
+    sd = onnx_state_dict(onnx.load(str(path)))
+    net = dm.build_net()
+    net.load_state_dict({k: sd[k] for k in net.state_dict()}, strict=True)
+    pipeline = json.loads((path.parent / "config.json").read_text())["pipeline"]
+    for key, arg in [("model_size", "model_size"), ("crop_size", "crop_size"), ("subtrahend", "subtrahend"),
+                     ("divisor", "divisor"), ("sigma", "sigma"), ("target_spacing", "pixdim")]:
+        setattr(args, arg, pipeline[key])
+    return net.eval(), {"step": path.parent.name}, args
+
+
 def run_eval(args) -> int:
     seed_all(args.seed)
     device = pick_device(args.device)
-    ck = load_checkpoint(args.checkpoint)
-    args = _args_from_checkpoint(args, ck)
-    net = dm.load_state_dict_into_net(ck).to(device)
+    net, ck, args = load_for_eval(args)
+    net = net.to(device)
     cases = load_cases(args, [args.val_case])
     samples = make_samples(cases, args.min_area, None if args.eval_all_regions else set(ORGANS))
     samples = samples[: args.eval_limit or None]
@@ -556,7 +575,8 @@ def run_export(args) -> int:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--eval", action="store_true", help="evaluate --checkpoint on the held-out case")
+    mode.add_argument("--eval", action="store_true",
+                      help="evaluate --checkpoint (a .pt checkpoint or a served model.onnx) on the held-out case")
     mode.add_argument("--export", action="store_true", help="export --checkpoint to --out-dir (model.onnx + config.json)")
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny settings that prove the pipeline runs end to end")

@@ -55,3 +55,14 @@ def test_train_resume_eval_export(tmp_path):
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pipeline"]["model_size"] == [64, 64] and cfg["pipeline"]["divisor"] == 308.0
+
+    # the served model folder evaluates like the checkpoint it was exported from
+    assert train.main(common + ["--eval", "--checkpoint", str(work / "best.pt")]) == 0
+    best_step = train.load_checkpoint(work / "best.pt")["step"]
+    from_pt = json.loads((work / f"eval_step{best_step}.json").read_text())["report"]
+    assert train.main(common + ["--eval", "--checkpoint", str(out / "model.onnx")]) == 0
+    from_onnx = json.loads((work / f"eval_step{out.name}.json").read_text())["report"]
+    assert from_onnx.keys() == from_pt.keys()
+    for organ, r in from_pt.items():
+        if isinstance(r, dict):
+            assert all(abs(from_onnx[organ][k] - v) < 1e-6 for k, v in r.items()), organ
