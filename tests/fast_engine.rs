@@ -14,8 +14,12 @@ use deepgrow_server::models::read_model_config;
 use deepgrow_server::nifti_io::{decode, DecodeLimits};
 use ndarray::{Array2, Array4};
 
-/// tract's own float32 error on the trained weights is about 1e-3 (model_parity.rs).
-const MAX_DIFF: f32 = 2e-3;
+/// On CT inputs the two engines agree to about 7e-5.
+const MAX_DIFF: f32 = 2e-4;
+/// Where the trained network's logits run high (the fixture's striped input; the head CT angiography golden case,
+/// logits up to 25), tract's own float32 error reaches 2.2-2.5e-3 against float64, while the fast kernels stay
+/// within 1e-4 of it (model_parity.rs checks both inputs against PyTorch float64).
+const TRACT_ERROR: f32 = 5e-3;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,7 +68,7 @@ fn fixture_input(size: usize) -> Array4<f32> {
     })
 }
 
-fn compare(reference: &Array2<f32>, fast: &Array2<f32>, what: &str) {
+fn compare(reference: &Array2<f32>, fast: &Array2<f32>, what: &str, tolerance: f32) {
     assert_eq!(reference.dim(), fast.dim());
     let mut max = 0f32;
     let mut mask_flips = 0;
@@ -72,10 +76,10 @@ fn compare(reference: &Array2<f32>, fast: &Array2<f32>, what: &str) {
         max = max.max((r - f).abs());
         if (*r >= 0.0) != (*f >= 0.0) {
             mask_flips += 1;
-            assert!(r.abs() < MAX_DIFF, "{what}: mask differs at logit {r}");
+            assert!(r.abs() < tolerance, "{what}: mask differs at logit {r}");
         }
     }
-    assert!(max <= MAX_DIFF, "{what}: max |fast - tract| = {max:e}");
+    assert!(max <= tolerance, "{what}: max |fast - tract| = {max:e}");
     eprintln!("{what}: max |fast - tract| = {max:.2e}, {mask_flips} mask pixels differ");
 }
 
@@ -103,13 +107,19 @@ fn fast_kernels_match_tract_on_the_bundled_model() {
         Kernels::Fast,
         "the bundled model must run on the fast kernels"
     );
-    let mut inputs = ct_inputs();
-    inputs.push(fixture_input(512));
-    for (n, input) in inputs.into_iter().enumerate() {
+    for (n, input) in ct_inputs().into_iter().enumerate() {
         let want = tract.infer(input.clone()).unwrap();
         let got = fast.infer(input).unwrap();
-        compare(&want, &got, &format!("input {n}"));
+        compare(&want, &got, &format!("CT input {n}"), MAX_DIFF);
     }
+    let input = fixture_input(512);
+    let want = tract.infer(input.clone()).unwrap();
+    compare(
+        &want,
+        &fast.infer(input).unwrap(),
+        "fixture input",
+        TRACT_ERROR,
+    );
 }
 
 /// The network inputs MONAI produced for the golden cases (tests/fixtures/golden), with their size.
@@ -195,11 +205,24 @@ fn opt_in_f4_kernels_give_the_same_masks() {
 fn fast_kernels_match_tract_at_256_and_on_one_thread() {
     let tract = TractEngine::load(&model_path(), [256, 256], 1, Kernels::Tract).unwrap();
     let fast = TractEngine::load(&model_path(), [256, 256], 1, Kernels::Fast).unwrap();
+    // MONAI's network input for the head CT angiography golden case (uint8 with scl_slope), 256 x 256
+    let (name, input) = golden_inputs()
+        .into_iter()
+        .find(|(name, _)| name == "uint8_scl_slope_avm")
+        .unwrap();
+    assert_eq!(input.shape(), [1, 3, 256, 256]);
+    compare(
+        &tract.infer(input.clone()).unwrap(),
+        &fast.infer(input).unwrap(),
+        &format!("{name}, 256 x 256, 1 thread"),
+        TRACT_ERROR,
+    );
     let input = fixture_input(256);
     compare(
         &tract.infer(input.clone()).unwrap(),
         &fast.infer(input).unwrap(),
-        "256 x 256, 1 thread",
+        "fixture input, 256 x 256, 1 thread",
+        TRACT_ERROR,
     );
 }
 

@@ -105,6 +105,23 @@ def check(model_path: Path, seed: int | None = None, threads: int = 1) -> dict:
     }
 
 
+REAL_CT_INPUT = dm.REPO_ROOT / "tests" / "fixtures" / "golden" / "uint8_scl_slope_avm" / "network_input.f32.gz"
+
+
+def real_ct_logits_f64(model_path) -> np.ndarray:
+    """PyTorch float64 logits (H, W) of the model on MONAI's network input for the golden case REAL_CT_INPUT."""
+    import gzip
+
+    import onnx
+
+    x = np.frombuffer(gzip.open(REAL_CT_INPUT).read(), dtype="<f4").reshape(1, 3, 256, 256).copy()
+    sd = onnx_state_dict(onnx.load(str(model_path)))
+    net = dm.build_net()
+    net.load_state_dict({k: sd[k] for k in net.state_dict()}, strict=True)
+    with torch.no_grad():
+        return net.double().eval()(torch.from_numpy(x).double())[0, 0].numpy()
+
+
 def write_fixture(report: dict, out_dir: Path) -> None:
     import onnxruntime
 
@@ -117,6 +134,10 @@ def write_fixture(report: dict, out_dir: Path) -> None:
     # the exact model's answer (PyTorch in float64), rounded to float32: what engines are measured against
     exact = np.ascontiguousarray(report["_y_f64_fix"][0, 0, ::STRIDE, ::STRIDE]).astype("<f4")
     (out_dir / "logits_f64_stride4.f32").write_bytes(exact.tobytes())
+    # and on real CT: MONAI's 256 x 256 network input of a golden case (head CT angiography), the same way
+    exact_ct = real_ct_logits_f64(report["model"])
+    (out_dir / "ct_logits_f64_stride4.f32").write_bytes(
+        np.ascontiguousarray(exact_ct[::STRIDE, ::STRIDE]).astype("<f4").tobytes())
     y64 = y.astype(np.float64)
     summary = {
         "formula": dm.FIXTURE_FORMULA,
@@ -131,8 +152,11 @@ def write_fixture(report: dict, out_dir: Path) -> None:
         "stats_of": "all 1x1x512x512 logits (float64 accumulation, population std)",
         "values_file": "logits_stride4.f32: little-endian float32 pred[0,0,::4,::4], 128x128, row-major (h, then w)",
         "exact_values_file": "logits_f64_stride4.f32: the same positions from PyTorch in float64, rounded to float32",
+        "ct_exact_values_file": "ct_logits_f64_stride4.f32: PyTorch float64 logits[::4, ::4] (64x64, rounded to float32) "
+                                "for tests/fixtures/golden/uint8_scl_slope_avm/network_input.f32.gz (1x3x256x256)",
         "torch_vs_onnxruntime_max_abs_diff": report["torch_vs_ort_max_abs_diff_fixture"],
         "torch_float64_vs_onnxruntime_max_abs_diff": report["torch_f64_vs_ort_max_abs_diff_fixture"],
+        "torch_float64_vs_torch_float32_max_abs_diff": report["torch_f64_vs_torch_f32_max_abs_diff_fixture"],
     }
     (out_dir / "summary.json").write_text(dm.dumps_json(summary))
 
@@ -141,7 +165,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=dm.MODEL_DIR / "model.onnx")
     ap.add_argument("--seed", type=int, default=None, help="also check that the weights equal BasicUNet's init under this seed")
-    ap.add_argument("--max-diff", type=float, default=1e-4, help="fail if torch vs onnxruntime differs more (default 1e-4)")
+    ap.add_argument("--max-diff", type=float, default=1e-4,
+                    help="fail if torch vs onnxruntime differs more on the N(0, 1) input (default 1e-4)")
+    # The fixture's striped pattern drives the trained network's activations far beyond what CT does; there
+    # float32 engines stray from float64 by up to a few 1e-3 (onnxruntime 2.4e-3, PyTorch 1e-4 on the shipped
+    # weights), so it is checked against a looser bound.
+    ap.add_argument("--max-diff-fixture", type=float, default=5e-3,
+                    help="fail if torch vs onnxruntime differs more on the fixture input (default 5e-3)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-fixture", action="store_true", help="rewrite tests/fixtures/model_reference/")
     ap.add_argument("--fixture-dir", type=Path, default=dm.FIXTURE_DIR)
@@ -153,11 +183,12 @@ def main(argv=None) -> int:
     for k, v in rep.items():
         if not k.startswith("_"):
             print(f"{k}: {v}")
-    ok = rep["params_ok"] and rep["torch_vs_ort_max_abs_diff_fixture"] <= args.max_diff \
+    ok = rep["params_ok"] and rep["torch_vs_ort_max_abs_diff_fixture"] <= args.max_diff_fixture \
         and rep["torch_vs_ort_max_abs_diff_randn"] <= args.max_diff and rep["weights_equal_seeded_init"] is not False
     if args.write_fixture:
         write_fixture(rep, args.fixture_dir)
-        print(f"wrote {args.fixture_dir}/logits_stride4.f32, logits_f64_stride4.f32 and summary.json")
+        print(f"wrote {args.fixture_dir}/logits_stride4.f32, logits_f64_stride4.f32, ct_logits_f64_stride4.f32 "
+              "and summary.json")
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

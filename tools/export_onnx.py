@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Export the Deepgrow 2D BasicUNet to ONNX plus config.json, in the layout the server serves.
 
-Without --checkpoint it writes the bundled placeholder: seeded random (untrained) weights.
-With --checkpoint it exports trained weights (a state dict, {"model": state_dict}, or a train.py checkpoint).
+Without --checkpoint it writes seeded random (untrained) weights, for tests and timing; with --checkpoint it exports
+trained weights (a state dict, {"model": state_dict}, or a train.py checkpoint). --out-dir is required, so that the
+bundled trained model is never overwritten by accident.
 
-    tools/.venv/bin/python tools/export_onnx.py                       # placeholder -> models/deepgrow_2d
-    tools/.venv/bin/python tools/export_onnx.py --checkpoint runs/x/best.pt --description "..."
+    tools/.venv/bin/python tools/export_onnx.py --out-dir /tmp/random                # seed 0 random weights
+    tools/.venv/bin/python tools/export_onnx.py --checkpoint runs/x/best.pt --out-dir OUT --description "..."
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def export_model_dir(
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, help="trained weights; default: seeded random placeholder")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the placeholder init (default 0)")
-    ap.add_argument("--out-dir", type=Path, default=dm.MODEL_DIR)
+    ap.add_argument("--checkpoint", type=Path, help="trained weights; default: seeded random weights")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
+    ap.add_argument("--out-dir", type=Path, required=True, help="model folder to write (e.g. models/NAME)")
     ap.add_argument("--size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     ap.add_argument("--name", default="deepgrow_2d")
     ap.add_argument("--version", default="1")

@@ -169,9 +169,9 @@ impl Layer for ConvBlock {
     fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
         let [h, w, _] = inputs[0].1;
         let parts: Vec<(&[f32], usize)> = inputs.iter().map(|(data, d)| (*data, d[2])).collect();
-        let sums = self.conv.run(&parts, h, w, out, par);
+        let means = self.conv.run(&parts, h, w, out, par);
         if let Some(norm) = &self.norm {
-            norm.apply(out, h * w, &sums, par);
+            norm.apply(out, h * w, &means, par);
         }
     }
 
