@@ -5,8 +5,9 @@
 //! differ only where |logit| is below that bound. The opt-in F(4 × 4, 3 × 3) kernels give masks with Dice ≥ 0.99
 //! against the default ones.
 
-use std::io::Read;
 use std::path::Path;
+
+mod common;
 
 use deepgrow_server::deepgrow::{self, Clicks};
 use deepgrow_server::engine::{fast, Engine, Kernels, TractEngine};
@@ -122,39 +123,20 @@ fn fast_kernels_match_tract_on_the_bundled_model() {
     );
 }
 
-/// The network inputs MONAI produced for the golden cases (tests/fixtures/golden), with their size.
+/// The network inputs MONAI produced for the golden cases (tests/fixtures/golden), with their names.
 fn golden_inputs() -> Vec<(String, Array4<f32>)> {
-    let dir = root().join("tests/fixtures/golden");
-    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+    let mut cases: Vec<String> = std::fs::read_dir(root().join("tests/fixtures/golden"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|c| c.join("network_input.f32.gz").is_file())
+        .map(|c| c.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     cases.sort();
     cases
         .into_iter()
-        .filter(|c| c.join("network_input.f32.gz").is_file())
         .map(|case| {
-            let meta: serde_json::Value =
-                serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap())
-                    .unwrap();
-            let shape: Vec<usize> =
-                serde_json::from_value(meta["files"]["network_input.f32.gz"].clone()).unwrap();
-            let mut bytes = Vec::new();
-            flate2::read::GzDecoder::new(
-                std::fs::File::open(case.join("network_input.f32.gz")).unwrap(),
-            )
-            .read_to_end(&mut bytes)
-            .unwrap();
-            let values: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            let input =
-                Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values).unwrap();
-            (
-                case.file_name().unwrap().to_string_lossy().into_owned(),
-                input,
-            )
+            let input = common::golden_network_input(&case);
+            (case, input)
         })
         .collect()
 }

@@ -7,8 +7,9 @@
 //!   activations far beyond what CT does, and there float32 engines stray from float64 by up to a few 1e-3
 //!   (onnxruntime 2.4e-3, PyTorch float32 1e-4, the fast kernels 5e-5; BENCHMARKS.md).
 
-use std::io::Read;
 use std::path::Path;
+
+mod common;
 
 use deepgrow_server::engine::{Engine, Kernels, TractEngine};
 use ndarray::{Array2, Array4};
@@ -88,17 +89,8 @@ fn fast_kernels_match_the_exact_model() {
 
 #[test]
 fn fast_kernels_match_the_exact_model_on_real_ct() {
-    let case =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/uint8_scl_slope_avm");
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(case.join("network_input.f32.gz")).unwrap())
-        .read_to_end(&mut bytes)
-        .unwrap();
-    let values: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    let input = Array4::from_shape_vec((1, 3, 256, 256), values).unwrap();
+    let input = common::golden_network_input("uint8_scl_slope_avm");
+    assert_eq!(input.shape(), [1, 3, 256, 256]);
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/deepgrow_2d/model.onnx");
     let engine = TractEngine::load(&model, [256, 256], 2, Kernels::Fast).unwrap();
     let logits = engine.infer(input).unwrap();

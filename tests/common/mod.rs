@@ -218,6 +218,20 @@ pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// MONAI's network input for a golden case of tests/fixtures/golden (shape from its case.json).
+pub fn golden_network_input(case: &str) -> Array4<f32> {
+    let dir = manifest_path("tests/fixtures/golden").join(case);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let shape: Vec<usize> =
+        serde_json::from_value(meta["files"]["network_input.f32.gz"].clone()).unwrap();
+    let values: Vec<f32> = gunzip(&std::fs::read(dir.join("network_input.f32.gz")).unwrap())
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values).unwrap()
+}
+
 pub fn read_fixture(relative: &str) -> Vec<u8> {
     std::fs::read(manifest_path(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
 }
