@@ -42,6 +42,62 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Defines a function whose body is compiled three times, for AVX-512, for AVX2 + FMA and for the baseline
+/// instruction set, and runs the copy [`isa`] selects. What the body inlines (the transforms, the lane loops)
+/// is vectorised for each copy's instructions. `unsafe fn` keeps its contract; a safe `fn` stays safe.
+macro_rules! isa_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn baseline($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                baseline($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                baseline($($arg),*)
+            }
+            match $crate::engine::fast::kernel::isa() {
+                // SAFETY: isa() found these instructions on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                $crate::engine::fast::kernel::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::engine::fast::kernel::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => baseline($($arg),*),
+            }
+        }
+    };
+    ($(#[$meta:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            unsafe fn baseline($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                baseline($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                baseline($($arg),*)
+            }
+            match $crate::engine::fast::kernel::isa() {
+                #[cfg(target_arch = "x86_64")]
+                $crate::engine::fast::kernel::Isa::Avx512 => avx512($($arg),*),
+                #[cfg(target_arch = "x86_64")]
+                $crate::engine::fast::kernel::Isa::Avx2 => avx2($($arg),*),
+                _ => baseline($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use isa_dispatch;
+
 /// Output channels of one packed weight panel.
 pub const NR: usize = 32;
 /// Rows computed per kernel call.

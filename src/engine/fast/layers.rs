@@ -2,7 +2,7 @@
 //! convolution), 2 × 2 max pooling, 2 × 2 stride-2 transposed convolution and 1 × 1 convolution. The matrix
 //! products run on [`kernel`]; everything is split over the inference's threads by rows.
 
-use super::kernel::{self, isa, Dst, Isa, Rows, MR, NR};
+use super::kernel::{self, isa_dispatch, Dst, Rows, MR, NR};
 use super::parallel::{Parallel, SyncPtr};
 
 /// Instance normalisation (per-image statistics, affine) followed by an optional LeakyReLU.
@@ -39,15 +39,10 @@ impl NormAct {
             || (),
             |_, b| {
                 let r = range(b);
-                let rows = &data[r.start * channels..r.end * channels];
-                match isa() {
-                    // SAFETY: the CPU has the instructions isa() reports.
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => unsafe { centred_squares_avx512(rows, [&mean, &mean_lo]) },
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { centred_squares_avx2(rows, [&mean, &mean_lo]) },
-                    _ => centred_squares(rows, [&mean, &mean_lo]),
-                }
+                centred_squares(
+                    &data[r.start * channels..r.end * channels],
+                    [&mean, &mean_lo],
+                )
             },
         );
         let mut m2 = vec![0f64; channels];
@@ -73,61 +68,16 @@ impl NormAct {
             let rows = unsafe {
                 std::slice::from_raw_parts_mut(ptr.get().add(p0 * channels), (p1 - p0) * channels)
             };
-            match isa() {
-                // SAFETY: the CPU has the instructions isa() reports.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe {
-                    normalize_leaky_avx512(rows, [&mean, &mean_lo], &scale, beta, slope)
-                },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe {
-                    normalize_leaky_avx2(rows, [&mean, &mean_lo], &scale, beta, slope)
-                },
-                _ => normalize_leaky(rows, [&mean, &mean_lo], &scale, beta, slope),
-            }
+            normalize_leaky(rows, [&mean, &mean_lo], &scale, beta, slope)
         });
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn normalize_leaky_avx512(
-    rows: &mut [f32],
-    mean: [&[f32]; 2],
-    scale: &[f32],
-    beta: &[f32],
-    slope: f32,
-) {
-    normalize_leaky(rows, mean, scale, beta, slope)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn normalize_leaky_avx2(
-    rows: &mut [f32],
-    mean: [&[f32]; 2],
-    scale: &[f32],
-    beta: &[f32],
-    slope: f32,
-) {
-    normalize_leaky(rows, mean, scale, beta, slope)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn centred_squares_avx512(rows: &[f32], mean: [&[f32]; 2]) -> Vec<f64> {
-    centred_squares(rows, mean)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn centred_squares_avx2(rows: &[f32], mean: [&[f32]; 2]) -> Vec<f64> {
-    centred_squares(rows, mean)
-}
-
-/// Σ (x − mean[c])² per channel over the pixels of NHWC `rows` (float32 over 16 pixels, then f64).
-#[inline(always)]
-fn centred_squares(rows: &[f32], [hi, lo]: [&[f32]; 2]) -> Vec<f64> {
+isa_dispatch! {
+/// Σ (x − mean[c])² per channel over the pixels of NHWC `rows` (float32 over 16 pixels, then f64); `mean` is
+/// given as a float32 pair (hi, lo).
+fn centred_squares(rows: &[f32], mean: [&[f32]; 2]) -> Vec<f64> {
+    let [hi, lo] = mean;
     let c = hi.len();
     let mut total = vec![0f64; c];
     let mut part = vec![0f32; c];
@@ -145,18 +95,14 @@ fn centred_squares(rows: &[f32], [hi, lo]: [&[f32]; 2]) -> Vec<f64> {
     }
     total
 }
+}
 
+isa_dispatch! {
 /// `x = (x − mean[c]) · scale[c] + beta[c]`, then `x < 0 ? slope · x : x`, for every pixel of NHWC `rows`;
 /// `mean` is given as a float32 pair (hi, lo).
-#[inline(always)]
-fn normalize_leaky(
-    rows: &mut [f32],
-    [hi, lo]: [&[f32]; 2],
-    scale: &[f32],
-    beta: &[f32],
-    slope: f32,
-) {
+fn normalize_leaky(rows: &mut [f32], mean: [&[f32]; 2], scale: &[f32], beta: &[f32], slope: f32) {
     const V: usize = 16;
+    let [hi, lo] = mean;
     let c = scale.len();
     let op = |x: f32, h: f32, l: f32, s: f32, b: f32| {
         let y = ((x - h) - l) * s + b;
@@ -180,6 +126,7 @@ fn normalize_leaky(
             px[j] = op(px[j], hi[j], lo[j], scale[j], beta[j]);
         }
     }
+}
 }
 
 /// 2 × 2 max pooling with stride 2 (no padding; odd sizes drop the last row or column, like ONNX floor mode).
@@ -236,12 +183,19 @@ impl Dense {
         self.c_in
     }
 
-    /// Computes the products for pixels `x[p0..p1]` (contiguous NHWC rows); pixel `p`'s output row starts at
-    /// `dst(p)`, and consecutive pixels' rows lie `dst_stride` floats apart.
+    /// Computes the products for pixels `x[p0..p1]` (rows of `c_in` floats): pixel `p0`'s output row starts at
+    /// `dst`, and consecutive pixels' rows lie `dst_stride` floats apart.
     ///
     /// # Safety
-    /// `dst(p) .. dst(p) + k_out` must be valid and owned by the caller for every `p` in `p0..p1`.
-    unsafe fn rows(&self, x: &[f32], p0: usize, p1: usize, dst: *mut f32, dst_stride: usize) {
+    /// `dst + (p − p0) · dst_stride .. + k_out` must be valid and owned by the caller for every `p` in `p0..p1`.
+    pub(super) unsafe fn rows(
+        &self,
+        x: &[f32],
+        p0: usize,
+        p1: usize,
+        dst: *mut f32,
+        dst_stride: usize,
+    ) {
         let c = self.c_in;
         let mut p = p0;
         while p < p1 {

@@ -11,7 +11,8 @@
 //! is a few times less exact, hence opt-in. A convolution with few input channels (the first layer) is computed
 //! directly instead.
 
-use super::kernel::{self, isa, Dst, Isa, Rows, MR, NR};
+use super::kernel::{self, isa_dispatch, Dst, Rows, MR, NR};
+use super::layers::Dense;
 use super::parallel::{Parallel, SyncPtr};
 
 /// SIMD lanes of the transforms (channels processed together).
@@ -54,14 +55,25 @@ impl Tile {
     }
 }
 
+/// A 3 × 3 convolution, ready to run.
+#[derive(Debug)]
+pub struct Conv3x3 {
+    algorithm: Algorithm,
+}
+
+#[derive(Debug)]
+enum Algorithm {
+    /// Few input channels (the first layer): a matrix product over 3 × 3 × c_in patches, since the Winograd
+    /// transforms would cost more than the products they save.
+    Direct(Dense),
+    Winograd(Winograd),
+}
+
 /// A 3 × 3 convolution's weights in the Winograd domain, packed for [`kernel`]:
 /// `u[ξ][panel][c][NR]` for each of the (m + 2)² transform planes ξ.
 #[derive(Debug)]
-pub struct Conv3x3 {
+struct Winograd {
     tile: Tile,
-    /// Few input channels (the first layer): a direct convolution over 3 × 3 × c_in patches instead, since the
-    /// Winograd transforms would cost more than the products they save.
-    direct: bool,
     c_in: usize,
     k_out: usize,
     panels: usize,
@@ -102,28 +114,135 @@ impl ChannelSums {
 }
 
 impl Conv3x3 {
-    /// `weights` is ONNX's `[k_out][c_in][3][3]`, `bias` has `k_out` values. The transform is computed in f64.
+    /// `weights` is ONNX's `[k_out][c_in][3][3]`, `bias` has `k_out` values.
     pub fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
         assert_eq!(weights.len(), k_out * c_in * 9);
         assert_eq!(bias.len(), k_out);
+        let algorithm = if c_in * 9 <= DIRECT_MAX_DEPTH {
+            // patch element j = (tap, c) with tap = 3·dy + dx
+            let weight = |k: usize, j: usize| weights[(k * c_in + j % c_in) * 9 + j / c_in];
+            Algorithm::Direct(Dense::new(k_out, 9 * c_in, weight, bias))
+        } else {
+            Algorithm::Winograd(Winograd::new(tile, weights, bias, k_out, c_in))
+        };
+        Conv3x3 { algorithm }
+    }
+
+    pub fn k_out(&self) -> usize {
+        match &self.algorithm {
+            Algorithm::Direct(product) => product.k_out(),
+            Algorithm::Winograd(wg) => wg.k_out,
+        }
+    }
+
+    pub fn c_in(&self) -> usize {
+        match &self.algorithm {
+            Algorithm::Direct(product) => product.c_in() / 9,
+            Algorithm::Winograd(wg) => wg.c_in,
+        }
+    }
+
+    /// How the convolution is computed, for logs and dumps.
+    pub fn algorithm(&self) -> String {
+        match &self.algorithm {
+            Algorithm::Direct(_) => "direct".into(),
+            Algorithm::Winograd(wg) => format!("Winograd F({m}x{m}, 3x3)", m = wg.tile.m()),
+        }
+    }
+
+    /// Convolves the channel-concatenation of `inputs` (each NHWC `h × w × channels`) into `out`
+    /// (NHWC `h × w × k_out`), bias included, and returns the per-channel means of `out`.
+    pub fn run(
+        &self,
+        inputs: &[(&[f32], usize)],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        par: &Parallel,
+    ) -> Vec<f64> {
+        assert_eq!(inputs.iter().map(|i| i.1).sum::<usize>(), self.c_in());
+        for (data, c) in inputs {
+            assert_eq!(data.len(), h * w * c);
+        }
+        assert_eq!(out.len(), h * w * self.k_out());
+        let partials = match &self.algorithm {
+            Algorithm::Direct(product) => run_direct(product, inputs, h, w, out, par),
+            Algorithm::Winograd(wg) => wg.run(inputs, h, w, out, par),
+        };
+        ChannelSums::mean(&partials, self.k_out())
+    }
+}
+
+/// Direct convolution, one output row per block: the row's 3 × 3 × c_in patches, then their product with the
+/// weights.
+fn run_direct(
+    product: &Dense,
+    inputs: &[(&[f32], usize)],
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    par: &Parallel,
+) -> Vec<ChannelSums> {
+    let c_in: usize = inputs.iter().map(|i| i.1).sum();
+    let depth = 9 * c_in;
+    let k = product.k_out();
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    par.map_blocks(
+        h,
+        || vec![0f32; w * depth],
+        |patches, y| {
+            for x in 0..w {
+                let row = &mut patches[x * depth..][..depth];
+                for tap in 0..9 {
+                    let (sy, sx) = (
+                        y as isize + tap as isize / 3 - 1,
+                        x as isize + tap as isize % 3 - 1,
+                    );
+                    let inside = sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize;
+                    let mut c_off = tap * c_in;
+                    for &(data, c) in inputs {
+                        let dst = &mut row[c_off..][..c];
+                        if inside {
+                            dst.copy_from_slice(&data[(sy as usize * w + sx as usize) * c..][..c]);
+                        } else {
+                            dst.fill(0.0);
+                        }
+                        c_off += c;
+                    }
+                }
+            }
+            // SAFETY: row y of the output belongs to this block.
+            let out_row = unsafe {
+                product.rows(patches, 0, w, out_ptr.get().add(y * w * k), k);
+                std::slice::from_raw_parts(out_ptr.get().add(y * w * k), w * k)
+            };
+            let mut sums = ChannelSums::new(k);
+            sums.pixels = w;
+            sums.shift.copy_from_slice(&out_row[..k]);
+            // float32 sums over 16 pixels at a time (vectorised), accumulated in f64
+            let mut s = vec![0f32; k];
+            for group in out_row.chunks(16 * k) {
+                s.fill(0.0);
+                for px in group.chunks_exact(k) {
+                    for ((a, &v), &sh) in s.iter_mut().zip(px).zip(&sums.shift) {
+                        *a += v - sh;
+                    }
+                }
+                for (total, &part) in sums.sum.iter_mut().zip(&s) {
+                    *total += part as f64;
+                }
+            }
+            sums
+        },
+    )
+}
+
+impl Winograd {
+    /// The weights' transform is computed in f64.
+    fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
         let panels = k_out.div_ceil(NR);
         let mut padded_bias = bias.to_vec();
         padded_bias.resize(panels * NR, 0.0);
-        if c_in * 9 <= DIRECT_MAX_DEPTH {
-            // patch element j = (tap, c) with tap = 3·dy + dx
-            let u = kernel::pack_panels(k_out, 9 * c_in, |k, j| {
-                weights[(k * c_in + j % c_in) * 9 + j / c_in]
-            });
-            return Conv3x3 {
-                tile,
-                direct: true,
-                c_in,
-                k_out,
-                panels,
-                u,
-                bias: padded_bias,
-            };
-        }
         let alpha = tile.alpha();
         let g: &[[f64; 3]] = match tile {
             Tile::F2 => &G2,
@@ -152,9 +271,8 @@ impl Conv3x3 {
             let plane = &u_dense[xi * k_out * c_in..][..k_out * c_in];
             u.extend(kernel::pack_panels(k_out, c_in, |k, c| plane[k * c_in + c]));
         }
-        Conv3x3 {
+        Winograd {
             tile,
-            direct: false,
             c_in,
             k_out,
             panels,
@@ -163,131 +281,7 @@ impl Conv3x3 {
         }
     }
 
-    pub fn k_out(&self) -> usize {
-        self.k_out
-    }
-
-    pub fn c_in(&self) -> usize {
-        self.c_in
-    }
-
-    /// How the convolution is computed, for logs and dumps.
-    pub fn algorithm(&self) -> String {
-        if self.direct {
-            "direct".into()
-        } else {
-            format!("Winograd F({m}x{m}, 3x3)", m = self.tile.m())
-        }
-    }
-
-    /// Convolves the channel-concatenation of `inputs` (each NHWC `h × w × channels`) into `out`
-    /// (NHWC `h × w × k_out`), bias included, and returns the per-channel means of `out`.
-    pub fn run(
-        &self,
-        inputs: &[(&[f32], usize)],
-        h: usize,
-        w: usize,
-        out: &mut [f32],
-        par: &Parallel,
-    ) -> Vec<f64> {
-        assert_eq!(inputs.iter().map(|i| i.1).sum::<usize>(), self.c_in);
-        for (data, c) in inputs {
-            assert_eq!(data.len(), h * w * c);
-        }
-        assert_eq!(out.len(), h * w * self.k_out);
-        let partials = if self.direct {
-            self.run_direct(inputs, h, w, out, par)
-        } else {
-            self.run_winograd(inputs, h, w, out, par)
-        };
-        ChannelSums::mean(&partials, self.k_out)
-    }
-
-    /// Direct convolution, one output row per block: the row's 3 × 3 × c_in patches, then [`kernel`].
-    fn run_direct(
-        &self,
-        inputs: &[(&[f32], usize)],
-        h: usize,
-        w: usize,
-        out: &mut [f32],
-        par: &Parallel,
-    ) -> Vec<ChannelSums> {
-        let depth = 9 * self.c_in;
-        let k = self.k_out;
-        let rows_padded = w.div_ceil(MR) * MR;
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        par.map_blocks(
-            h,
-            || vec![0f32; rows_padded * depth],
-            |patches, y| {
-                for x in 0..w {
-                    let row = &mut patches[x * depth..][..depth];
-                    for tap in 0..9 {
-                        let (sy, sx) = (
-                            y as isize + tap as isize / 3 - 1,
-                            x as isize + tap as isize % 3 - 1,
-                        );
-                        let inside = sy >= 0 && sx >= 0 && sy < h as isize && sx < w as isize;
-                        let mut c_off = tap * self.c_in;
-                        for &(data, c) in inputs {
-                            let dst = &mut row[c_off..][..c];
-                            if inside {
-                                dst.copy_from_slice(
-                                    &data[(sy as usize * w + sx as usize) * c..][..c],
-                                );
-                            } else {
-                                dst.fill(0.0);
-                            }
-                            c_off += c;
-                        }
-                    }
-                }
-                // SAFETY: row y of the output belongs to this block; the patch buffer holds rows_padded rows.
-                let out_row =
-                    unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(y * w * k), w * k) };
-                for x0 in (0..w).step_by(MR) {
-                    for p in 0..self.panels {
-                        unsafe {
-                            kernel::run(
-                                depth,
-                                Rows {
-                                    v: patches.as_ptr().add(x0 * depth),
-                                    v_stride: depth,
-                                    rows: (w - x0).min(MR),
-                                },
-                                self.u.as_ptr().add(p * depth * NR),
-                                Some(&*(self.bias.as_ptr().add(p * NR) as *const [f32; NR])),
-                                Dst {
-                                    ptr: out_row.as_mut_ptr().add(x0 * k + p * NR),
-                                    stride: k,
-                                    lanes: (k - p * NR).min(NR),
-                                },
-                            )
-                        };
-                    }
-                }
-                let mut sums = ChannelSums::new(k);
-                sums.pixels = w;
-                sums.shift.copy_from_slice(&out_row[..k]);
-                // float32 sums over 16 pixels at a time (vectorised), accumulated in f64
-                let mut s = vec![0f32; k];
-                for group in out_row.chunks(16 * k) {
-                    s.fill(0.0);
-                    for px in group.chunks_exact(k) {
-                        for ((a, &v), &sh) in s.iter_mut().zip(px).zip(&sums.shift) {
-                            *a += v - sh;
-                        }
-                    }
-                    for (total, &part) in sums.sum.iter_mut().zip(&s) {
-                        *total += part as f64;
-                    }
-                }
-                sums
-            },
-        )
-    }
-
-    fn run_winograd(
+    fn run(
         &self,
         inputs: &[(&[f32], usize)],
         h: usize,
@@ -328,43 +322,10 @@ impl Conv3x3 {
                     block,
                     out: out_ptr.get(),
                 };
-                unsafe { self.block(&job, scratch, &mut sums) };
+                unsafe { run_block(self, &job, scratch, &mut sums) };
                 sums
             },
         )
-    }
-
-    /// # Safety
-    /// `job.out` must be valid for the whole output tensor, and no other thread may write the pixels of the job's
-    /// tiles.
-    unsafe fn block(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
-        match isa() {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => self.block_avx512(job, scratch, sums),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => self.block_avx2(job, scratch, sums),
-            _ => self.block_impl(job, scratch, sums),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block_avx512(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
-        self.block_impl(job, scratch, sums)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_avx2(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
-        self.block_impl(job, scratch, sums)
-    }
-
-    #[inline(always)]
-    unsafe fn block_impl(&self, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
-        match self.tile {
-            Tile::F2 => self.block_tiles::<2, 4, F2>(job, scratch, sums),
-            Tile::F4 => self.block_tiles::<4, 6, F4>(job, scratch, sums),
-        }
     }
 
     #[inline(always)]
@@ -539,6 +500,20 @@ impl Conv3x3 {
             }
         }
     }
+}
+
+isa_dispatch! {
+/// One block of tiles of one convolution call.
+///
+/// # Safety
+/// `job.out` must be valid for the whole output tensor, and no other thread may write the pixels of the job's
+/// tiles.
+unsafe fn run_block(conv: &Winograd, job: &Job, scratch: &mut Scratch, sums: &mut ChannelSums) {
+    match conv.tile {
+        Tile::F2 => conv.block_tiles::<2, 4, F2>(job, scratch, sums),
+        Tile::F4 => conv.block_tiles::<4, 6, F4>(job, scratch, sums),
+    }
+}
 }
 
 /// One block of tiles of one convolution call.
