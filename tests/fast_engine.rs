@@ -63,12 +63,6 @@ fn ct_inputs() -> Vec<Array4<f32>> {
         .collect()
 }
 
-fn fixture_input(size: usize) -> Array4<f32> {
-    Array4::from_shape_fn((1, 3, size, size), |(_, c, h, w)| {
-        ((h * 7 + w * 13 + c * 101) % 256) as f32 / 128.0 - 1.0
-    })
-}
-
 fn compare(reference: &Array2<f32>, fast: &Array2<f32>, what: &str, tolerance: f32) {
     assert_eq!(reference.dim(), fast.dim());
     let mut max = 0f32;
@@ -113,7 +107,7 @@ fn fast_kernels_match_tract_on_the_bundled_model() {
         let got = fast.infer(input).unwrap();
         compare(&want, &got, &format!("CT input {n}"), MAX_DIFF);
     }
-    let input = fixture_input(512);
+    let input = common::fixture_network_input(512);
     let want = tract.infer(input.clone()).unwrap();
     compare(
         &want,
@@ -199,7 +193,7 @@ fn fast_kernels_match_tract_at_256_and_on_one_thread() {
         &format!("{name}, 256 x 256, 1 thread"),
         TRACT_ERROR,
     );
-    let input = fixture_input(256);
+    let input = common::fixture_network_input(256);
     compare(
         &tract.infer(input.clone()).unwrap(),
         &fast.infer(input).unwrap(),

@@ -12,7 +12,7 @@ use std::path::Path;
 mod common;
 
 use deepgrow_server::engine::{Engine, Kernels, TractEngine};
-use ndarray::{Array2, Array4};
+use ndarray::Array2;
 use serde_json::Value;
 
 fn fixture_dir() -> std::path::PathBuf {
@@ -31,10 +31,7 @@ fn logits(kernels: Kernels) -> Array2<f32> {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/deepgrow_2d/model.onnx");
     let engine = TractEngine::load(&model, [512, 512], 2, kernels).unwrap();
     assert_eq!(engine.kernels(), kernels);
-    let input = Array4::from_shape_fn((1, 3, 512, 512), |(_, c, h, w)| {
-        ((h * 7 + w * 13 + c * 101) % 256) as f32 / 128.0 - 1.0
-    });
-    let logits = engine.infer(input).unwrap();
+    let logits = engine.infer(common::fixture_network_input(512)).unwrap();
     assert_eq!(logits.dim(), (512, 512));
     logits
 }

@@ -218,6 +218,14 @@ pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The parity fixture's network input (tests/fixtures/model_reference/README.md): `1 × 3 × size × size`, every
+/// value exact in float32.
+pub fn fixture_network_input(size: usize) -> Array4<f32> {
+    Array4::from_shape_fn((1, 3, size, size), |(_, c, h, w)| {
+        ((h * 7 + w * 13 + c * 101) % 256) as f32 / 128.0 - 1.0
+    })
+}
+
 /// MONAI's network input for a golden case of tests/fixtures/golden (shape from its case.json).
 pub fn golden_network_input(case: &str) -> Array4<f32> {
     let dir = manifest_path("tests/fixtures/golden").join(case);
