@@ -42,6 +42,14 @@ def onnx_state_dict(model_proto) -> dict:
     return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
 
 
+def net_from_onnx(model_proto) -> torch.nn.Module:
+    """MONAI's BasicUNet with the weights of an exported model.onnx (strict: every parameter must be there)."""
+    sd = onnx_state_dict(model_proto)
+    net = dm.build_net()
+    net.load_state_dict({k: sd[k] for k in net.state_dict().keys()}, strict=True)
+    return net.eval()
+
+
 def io_info(model_proto):
     inp = model_proto.graph.input[0]
     out = model_proto.graph.output[0]
@@ -59,10 +67,7 @@ def check(model_path: Path, seed: int | None = None, threads: int = 1) -> dict:
     onnx.checker.check_model(proto, full_check=True)
     in_name, in_shape, out_name, out_shape = io_info(proto)
 
-    sd = onnx_state_dict(proto)
-    net = dm.build_net()
-    net.load_state_dict({k: sd[k] for k in net.state_dict().keys()}, strict=True)
-    net.eval()
+    net = net_from_onnx(proto)
     n_params = dm.count_params(net)
 
     seeded_equal = None
@@ -102,24 +107,22 @@ def check(model_path: Path, seed: int | None = None, threads: int = 1) -> dict:
         "torch_version": torch.__version__,
         "_y_ort_fix": y_ort_fix,
         "_y_f64_fix": y_f64_fix,
+        "_net": net,
     }
 
 
 REAL_CT_INPUT = dm.REPO_ROOT / "tests" / "fixtures" / "golden" / "uint8_scl_slope_avm" / "network_input.f32.gz"
 
 
-def real_ct_logits_f64(model_path) -> np.ndarray:
-    """PyTorch float64 logits (H, W) of the model on MONAI's network input for the golden case REAL_CT_INPUT."""
+def real_ct_logits_f64(net: torch.nn.Module) -> np.ndarray:
+    """PyTorch float64 logits (H, W) of `net` on MONAI's network input for the golden case REAL_CT_INPUT."""
     import gzip
 
-    import onnx
-
     x = np.frombuffer(gzip.open(REAL_CT_INPUT).read(), dtype="<f4").reshape(1, 3, 256, 256).copy()
-    sd = onnx_state_dict(onnx.load(str(model_path)))
-    net = dm.build_net()
-    net.load_state_dict({k: sd[k] for k in net.state_dict()}, strict=True)
     with torch.no_grad():
-        return net.double().eval()(torch.from_numpy(x).double())[0, 0].numpy()
+        y = net.double().eval()(torch.from_numpy(x).double())[0, 0].numpy()
+    net.float()
+    return y
 
 
 def write_fixture(report: dict, out_dir: Path) -> None:
@@ -135,7 +138,7 @@ def write_fixture(report: dict, out_dir: Path) -> None:
     exact = np.ascontiguousarray(report["_y_f64_fix"][0, 0, ::STRIDE, ::STRIDE]).astype("<f4")
     (out_dir / "logits_f64_stride4.f32").write_bytes(exact.tobytes())
     # and on real CT: MONAI's 256 x 256 network input of a golden case (head CT angiography), the same way
-    exact_ct = real_ct_logits_f64(report["model"])
+    exact_ct = real_ct_logits_f64(report["_net"])
     (out_dir / "ct_logits_f64_stride4.f32").write_bytes(
         np.ascontiguousarray(exact_ct[::STRIDE, ::STRIDE]).astype("<f4").tobytes())
     y64 = y.astype(np.float64)

@@ -519,16 +519,14 @@ def load_for_eval(args):
         ck = load_checkpoint(path)
         return dm.load_state_dict_into_net(ck), ck, _args_from_checkpoint(args, ck)
     import onnx
-    from check_model import onnx_state_dict
+    from check_model import net_from_onnx
 
-    sd = onnx_state_dict(onnx.load(str(path)))
-    net = dm.build_net()
-    net.load_state_dict({k: sd[k] for k in net.state_dict()}, strict=True)
+    net = net_from_onnx(onnx.load(str(path)))
     pipeline = json.loads((path.parent / "config.json").read_text())["pipeline"]
     for key, arg in [("model_size", "model_size"), ("crop_size", "crop_size"), ("subtrahend", "subtrahend"),
                      ("divisor", "divisor"), ("sigma", "sigma"), ("target_spacing", "pixdim")]:
         setattr(args, arg, pipeline[key])
-    return net.eval(), {"step": path.parent.name}, args
+    return net, {"step": path.parent.name}, args
 
 
 def run_eval(args) -> int:
