@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
+use deepgrow_server::engine::Kernels;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::plan::{SimplePlan, SimpleState};
@@ -28,19 +30,15 @@ fn main() -> TractResult<()> {
 
     let size: usize = args.get(3).map_or(Ok(512), |a| a.parse())?;
     let shape = [1, 3, size, size];
-    let kernels = args.get(4).map_or("fast", String::as_str);
+    let kernels = match args.get(4) {
+        Some(k) => Kernels::from_str(k, true).map_err(|e| anyhow::anyhow!("kernels: {e}"))?,
+        None => Kernels::Fast,
+    };
     let mut onnx = tract_onnx::onnx();
     let mut proto = onnx.proto_model_for_path(&path)?;
-    if kernels != "tract" {
-        use deepgrow_server::engine::fast::{rewrite, winograd::Tile};
-        let tile = if kernels == "fast-f4" {
-            Tile::F4
-        } else {
-            Tile::F2
-        };
-        let report = rewrite(&mut proto, tile);
+    if let Some(tile) = kernels.winograd_tile() {
+        let report = deepgrow_server::engine::fast::install(&mut onnx, &mut proto, tile)?;
         println!("fast kernels: {report:?}");
-        deepgrow_server::engine::fast::register(&mut onnx.op_register);
     }
     let model = onnx
         .model_for_proto_model(&proto)?

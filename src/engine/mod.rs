@@ -21,6 +21,17 @@ pub enum Kernels {
     Tract,
 }
 
+impl Kernels {
+    /// The Winograd tile of the fast kernels, `None` for tract's own.
+    pub fn winograd_tile(self) -> Option<fast::winograd::Tile> {
+        match self {
+            Kernels::Fast => Some(fast::winograd::Tile::F2),
+            Kernels::FastF4 => Some(fast::winograd::Tile::F4),
+            Kernels::Tract => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("could not load model {path}: {reason}")]

@@ -33,14 +33,14 @@ impl TractEngine {
             reason: format!("{e:#}"),
         };
         let plan = match kernels {
-            Kernels::Tract => Self::plan(path, input_size, None).map_err(load_error)?,
+            Kernels::Tract => Self::plan(path, input_size, kernels).map_err(load_error)?,
             Kernels::Fast | Kernels::FastF4 if !fast::worthwhile() => {
                 tracing::info!(
                     "no AVX2 on this CPU: tract's own kernels are faster here than the fast ones"
                 );
                 return Self::load(path, input_size, threads, Kernels::Tract);
             }
-            Kernels::Fast | Kernels::FastF4 => match Self::plan(path, input_size, Some(kernels)) {
+            Kernels::Fast | Kernels::FastF4 => match Self::plan(path, input_size, kernels) {
                 Ok(plan) => plan,
                 Err(error) => {
                     tracing::warn!(path = %path.display(), error = %format!("{error:#}"),
@@ -63,20 +63,12 @@ impl TractEngine {
         })
     }
 
-    fn plan(path: &Path, [h, w]: [usize; 2], fast_kernels: Option<Kernels>) -> TractResult<Plan> {
+    fn plan(path: &Path, [h, w]: [usize; 2], kernels: Kernels) -> TractResult<Plan> {
         let mut onnx = tract_onnx::onnx();
         let mut proto = onnx.proto_model_for_path(path)?;
-        if let Some(kernels) = fast_kernels {
-            let tile = match kernels {
-                Kernels::FastF4 => fast::winograd::Tile::F4,
-                _ => fast::winograd::Tile::F2,
-            };
-            let report = fast::rewrite(&mut proto, tile);
-            if report.replaced() == 0 {
-                return Err(anyhow::anyhow!("no layer the fast kernels implement"));
-            }
+        if let Some(tile) = kernels.winograd_tile() {
+            let report = fast::install(&mut onnx, &mut proto, tile)?;
             tracing::debug!(path = %path.display(), ?report, "graph rewritten onto the fast kernels");
-            fast::register(&mut onnx.op_register);
         }
         onnx.model_for_proto_model(&proto)?
             .with_input_fact(0, f32::fact([1, 3, h, w]).into())?

@@ -17,6 +17,25 @@ pub mod winograd;
 pub use ops::register;
 pub use rewrite::{rewrite, Report};
 
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::TractResult;
+use tract_onnx::Onnx;
+
+/// Rewrites `proto` onto the fast ops (3 × 3 convolutions by Winograd F(`tile`, 3 × 3)) and registers their
+/// parsers in `onnx`; fails when the graph has nothing the fast ops implement.
+pub fn install(
+    onnx: &mut Onnx,
+    proto: &mut ModelProto,
+    tile: winograd::Tile,
+) -> TractResult<Report> {
+    let report = rewrite(proto, tile);
+    if report.replaced() == 0 {
+        return Err(anyhow::anyhow!("no layer the fast kernels implement"));
+    }
+    register(&mut onnx.op_register);
+    Ok(report)
+}
+
 /// Whether the fast kernels beat tract's own on this CPU: they need AVX2 (or AVX-512); their portable version
 /// (about tract's speed) runs only when `DEEPGROW_FAST_ISA=portable` asks for it.
 pub fn worthwhile() -> bool {
