@@ -1,20 +1,23 @@
 //! One deepgrow click, top to bottom: decode -> choose slice -> preprocess -> infer -> postprocess -> encode.
 //! Synchronous CPU work; the HTTP layer runs it on the blocking pool behind the worker permits.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use serde::Serialize;
 
+use crate::admission::Stages;
 use crate::deepgrow::{self, Clicks};
 use crate::error::ApiError;
 use crate::models::Model;
-use crate::nifti_io::{self, DecodeLimits, MaskDtype, Volume};
+use crate::nifti_io::{self, DecodeLimits, FileBytes, MaskDtype, Volume};
 
 /// Where the click's image comes from.
-pub enum ImageSource {
-    Upload(Bytes),
+pub enum ImageSource<'a> {
+    /// An uploaded file, whole in memory or arriving as a stream: only the clicked slice is decoded.
+    Upload(FileBytes<'a>),
+    /// A session's decoded volume.
     Session(Arc<Volume>),
 }
 
@@ -65,31 +68,55 @@ fn millis_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
+/// One click. `stages` says where its CPU stages run: the decode of an upload on a decode worker, the network
+/// on an inference worker.
 pub fn annotate(
     model: &Model,
-    source: ImageSource,
+    source: ImageSource<'_>,
     clicks: &Clicks,
     output: OutputOptions,
     limits: DecodeLimits,
+    stages: &impl Stages,
 ) -> Result<Annotation, ApiError> {
     let start = Instant::now();
     let mut latencies = Latencies::default();
 
-    let volume = match source {
-        ImageSource::Upload(bytes) => Arc::new(nifti_io::decode(&bytes, limits)?),
-        ImageSource::Session(volume) => volume,
+    // The image's geometry, the clicks' slice k, and slice k alone: an upload is read (or inflated) no
+    // further than the end of that slice.
+    let session;
+    let (geometry, was_compressed, guidance, slice) = match source {
+        ImageSource::Upload(bytes) => {
+            let (geometry, was_compressed, guidance, slice) = stages.decode(|| {
+                let file = nifti_io::open(bytes, limits)?;
+                let guidance = deepgrow::choose_slice(clicks, file.geometry().shape)?;
+                let geometry = file.geometry().clone();
+                let was_compressed = file.was_compressed();
+                let slice = file.read_slice(guidance.slice)?;
+                Ok::<_, ApiError>((geometry, was_compressed, guidance, slice))
+            })??;
+            (Cow::Owned(geometry), was_compressed, guidance, slice)
+        }
+        ImageSource::Session(volume) => {
+            session = volume;
+            let guidance = deepgrow::choose_slice(clicks, session.geometry.shape)?;
+            let slice = session.slice_f32(guidance.slice);
+            (
+                Cow::Borrowed(&session.geometry),
+                session.was_compressed,
+                guidance,
+                slice,
+            )
+        }
     };
     latencies.decode = millis_since(start);
 
     let stage = Instant::now();
-    let guidance = deepgrow::choose_slice(clicks, volume.geometry.shape)?;
-    let spacing = deepgrow::in_plane_spacing(&volume.geometry.affine)?;
-    let slice = volume.slice_f32(guidance.slice);
+    let spacing = deepgrow::in_plane_spacing(&geometry.affine)?;
     let prepared = deepgrow::preprocess(slice.view(), spacing, &guidance, &model.pipeline)?;
     latencies.pre = millis_since(stage);
 
     let stage = Instant::now();
-    let logits = model.engine.infer(prepared.input)?;
+    let logits = stages.infer(|| model.engine.infer(prepared.input))??;
     latencies.infer = millis_since(stage);
 
     let stage = Instant::now();
@@ -97,25 +124,19 @@ pub fn annotate(
     latencies.post = millis_since(stage);
 
     let stage = Instant::now();
-    let format = output.format.unwrap_or(if volume.was_compressed {
+    let format = output.format.unwrap_or(if was_compressed {
         MaskFormat::NiftiGz
     } else {
         MaskFormat::Nifti
     });
     let (file, file_name) = match format {
         MaskFormat::NiftiGz => (
-            nifti_io::encode_mask_nifti(
-                &volume.geometry,
-                guidance.slice,
-                mask.view(),
-                output.dtype,
-                true,
-            ),
+            nifti_io::encode_mask_nifti(&geometry, guidance.slice, mask.view(), output.dtype, true),
             "mask.nii.gz",
         ),
         MaskFormat::Nifti => (
             nifti_io::encode_mask_nifti(
-                &volume.geometry,
+                &geometry,
                 guidance.slice,
                 mask.view(),
                 output.dtype,
@@ -125,7 +146,7 @@ pub fn annotate(
         ),
         MaskFormat::Nrrd { compress } => (
             nifti_io::encode_mask_nrrd(
-                &volume.geometry,
+                &geometry,
                 guidance.slice,
                 mask.view(),
                 output.dtype,
@@ -164,6 +185,7 @@ mod properties {
     //! with a client error, never a panic or a 500.
 
     use super::*;
+    use crate::admission::Inline;
     use crate::deepgrow::PipelineConfig;
     use crate::engine::{Engine, EngineError};
     use crate::models::ModelInfo;
@@ -301,7 +323,7 @@ mod properties {
             let input = file(&case);
             let limits = DecodeLimits { max_decompressed_bytes: 1 << 30 };
             let options = OutputOptions { format: Some(MaskFormat::Nifti), dtype: MaskDtype::U8 };
-            let result = annotate(&model, ImageSource::Upload(input.clone().into()), &clicks, options, limits);
+            let result = annotate(&model, ImageSource::Upload(FileBytes::Memory(&input)), &clicks, options, limits, &Inline);
             // The contract of `choose_slice`: some click, every click inside the volume, and an explicit
             // slice inside the volume with a click on it.
             let all: Vec<_> = case.foreground.iter().chain(&case.background).collect();

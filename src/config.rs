@@ -37,7 +37,25 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_WORKERS")]
     pub workers: Option<usize>,
 
-    /// Requests that may wait for a worker; beyond workers + queue the server answers 503 at once.
+    /// Uploads that may be decoded at the same time (session uploads, and the slice of an upload click);
+    /// defaults to the number of cores. Decoding has workers of its own, so uploads and clicks do not queue
+    /// behind each other.
+    #[arg(long, env = "DEEPGROW_DECODE_WORKERS")]
+    pub decode_workers: Option<usize>,
+
+    /// Bytes that all requests together may hold in flight: buffered uploads and volumes being decoded (a
+    /// session's volume counts against --session-memory-bytes once stored). Defaults to a quarter of the
+    /// machine's memory (or of the cgroup's limit). A request that would exceed it waits up to
+    /// --inflight-wait, then gets 503; one that could never fit gets 413.
+    #[arg(long, env = "DEEPGROW_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<usize>,
+
+    /// Seconds a request waits for room in the in-flight budget before it gets 503.
+    #[arg(long, env = "DEEPGROW_INFLIGHT_WAIT", default_value = "2", value_parser = parse_seconds)]
+    pub inflight_wait: Duration,
+
+    /// Requests that may wait for a worker (per pool: decoding, inference); beyond workers + queue the
+    /// server answers 503 at once.
     #[arg(long, env = "DEEPGROW_QUEUE", default_value_t = 8)]
     pub queue: usize,
 
@@ -73,6 +91,10 @@ pub struct Config {
     /// Most sessions held at once; least recently used sessions are evicted beyond it.
     #[arg(long, env = "DEEPGROW_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
+
+    /// Seconds between sweeps that drop expired sessions and hand freed memory back to the OS.
+    #[arg(long, env = "DEEPGROW_SWEEP_INTERVAL", default_value = "30", value_parser = parse_seconds)]
+    pub sweep_interval: Duration,
 
     /// Seconds a client may take to send a request's headers; a slower connection is closed.
     #[arg(long, env = "DEEPGROW_HEADER_READ_TIMEOUT", default_value = "10", value_parser = parse_seconds)]
@@ -132,6 +154,38 @@ impl Config {
     pub fn inference_threads(&self) -> usize {
         self.inference_threads.unwrap_or_else(num_cpus::get).max(1)
     }
+
+    pub fn decode_workers(&self) -> usize {
+        self.decode_workers.unwrap_or_else(num_cpus::get).max(1)
+    }
+
+    pub fn max_inflight_bytes(&self) -> usize {
+        self.max_inflight_bytes
+            .unwrap_or_else(|| (machine_memory_bytes() / 4).max(256 << 20) as usize)
+    }
+}
+
+/// Memory this process may use: the machine's, or its cgroup's limit when that is lower (containers).
+fn machine_memory_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(8 << 30);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|limit| limit.trim().parse::<u64>().ok());
+    cgroup.map_or(total, |limit| limit.min(total))
 }
 
 #[cfg(test)]
@@ -156,5 +210,15 @@ mod tests {
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.body_timeout, Duration::from_secs(30));
         assert_eq!(config.request_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_inflight_budget_defaults_to_a_quarter_of_the_memory() {
+        let config = Config::parse_from(["deepgrow-server"]);
+        let quarter = machine_memory_bytes() as usize / 4;
+        assert_eq!(config.max_inflight_bytes(), quarter.max(256 << 20));
+        assert!(quarter > 64 << 20, "memory read as {quarter} bytes / 4");
+        let set = Config::parse_from(["deepgrow-server", "--max-inflight-bytes", "1000000"]);
+        assert_eq!(set.max_inflight_bytes(), 1_000_000);
     }
 }

@@ -39,8 +39,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     RequestTimeout(String),
-    #[error("the server is busy with other requests; retry shortly")]
-    Overloaded,
+    #[error("the server is busy with other requests ({0} full); retry shortly")]
+    Overloaded(&'static str),
     #[error("inference failed")]
     Engine(#[from] EngineError),
     #[error("internal error")]
@@ -64,7 +64,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,7 +84,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Unauthorized => "Unauthorized",
             ApiError::RequestTimeout(_) => "RequestTimeout",
-            ApiError::Overloaded => "Overloaded",
+            ApiError::Overloaded(_) => "Overloaded",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
         }
@@ -129,7 +129,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         match self {
-            ApiError::Overloaded => {
+            ApiError::Overloaded(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized => {

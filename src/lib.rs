@@ -3,6 +3,7 @@
 //! Data flows one way: HTTP ([`api`]) -> decode ([`nifti_io`]) -> pipeline ([`deepgrow`]) -> engine
 //! ([`engine`]) -> pipeline -> encode, with the whole click in [`annotate::annotate`].
 
+pub mod admission;
 pub mod annotate;
 pub mod api;
 pub mod config;
@@ -20,7 +21,8 @@ use anyhow::Context;
 use ndarray::Array4;
 use tracing_subscriber::EnvFilter;
 
-use crate::api::{AppState, Limiter, RequestPolicy, SharedState};
+use crate::admission::{Budget, Pool};
+use crate::api::{AppState, RequestPolicy, SharedState};
 use crate::config::{Config, LogFormat};
 use crate::engine::{Engine, TractEngine};
 use crate::models::Registry;
@@ -74,7 +76,9 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
             memory_budget: config.session_memory_bytes,
             max_sessions: config.max_sessions.max(1),
         }),
-        limiter: Limiter::new(config.workers(), config.queue),
+        decode_pool: Pool::new("decode queue", config.decode_workers(), config.queue),
+        infer_pool: Pool::new("inference queue", config.workers(), config.queue),
+        budget: Budget::new(config.max_inflight_bytes(), config.inflight_wait),
         decode_limits: DecodeLimits {
             max_decompressed_bytes: config.max_decompressed_bytes,
         },
@@ -105,8 +109,9 @@ pub async fn serve(
     use hyper_util::service::TowerToHyperService;
 
     let sweeper_state = state.clone();
+    let sweep_interval = config.sweep_interval;
     let sweeper = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(sweep_interval);
         loop {
             tick.tick().await;
             let dropped = sweeper_state.sessions.sweep();
@@ -228,6 +233,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         address = %listener.local_addr()?,
         models = ?state.registry.models().iter().map(|m| m.info.name.as_str()).collect::<Vec<_>>(),
         workers = config.workers(),
+        decode_workers = config.decode_workers(),
+        inflight_budget_bytes = state.budget.total_bytes(),
         ready_ms = start.elapsed().as_millis() as u64,
         "deepgrow-server ready"
     );

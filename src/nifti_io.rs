@@ -7,7 +7,9 @@
 
 use std::io::Read;
 
-use flate2::read::MultiGzDecoder;
+use std::io::BufReader;
+
+use flate2::bufread;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use ndarray::{Array2, ArrayView2};
@@ -37,6 +39,10 @@ pub enum NiftiError {
     NotScalar3d(String),
     #[error("the NIfTI datatype {0} is not supported")]
     UnsupportedDatatype(String),
+    #[error("the upload could not be read to its end: {0}")]
+    Read(String),
+    #[error("the gzip stream goes on past the {image} bytes of image its header describes (more than {allowance} bytes more): it is not that volume")]
+    TrailingData { image: u64, allowance: u64 },
     #[error("the file is truncated: the header promises {expected} bytes of voxel data after offset {offset}, but only {available} are present")]
     Truncated {
         expected: u64,
@@ -172,21 +178,31 @@ impl Volume {
             k < d,
             "slice index is validated before it reaches the volume"
         );
-        let plane = h * w;
-        let scaling = self.scaling;
-        let values: Vec<f32> = with_voxels!(&self.data, values => values[k * plane..(k + 1) * plane]
-            .iter()
-            .map(|v| v.to_scaled_f32(scaling))
-            .collect());
-        Array2::from_shape_vec((w, h), values)
-            .expect("plane length matches the shape")
-            .reversed_axes()
+        plane_f32(&self.data, [h, w], k, self.scaling)
     }
 
     /// Bytes this volume holds in memory (what a session costs).
     pub fn byte_size(&self) -> usize {
         self.data.byte_size() + HEADER_SIZE
     }
+}
+
+/// Plane `k` of i-fastest voxels as an (H, W) array indexed `[i, j]`, scaled to `f32` as nibabel + MONAI would.
+/// The result is a transposed view of i-fastest memory (strides (1, H)); the pipeline accepts any strides.
+fn plane_f32(
+    data: &VoxelData,
+    [h, w]: [usize; 2],
+    k: usize,
+    scaling: Option<Scaling>,
+) -> Array2<f32> {
+    let plane = h * w;
+    let values: Vec<f32> = with_voxels!(data, values => values[k * plane..(k + 1) * plane]
+        .iter()
+        .map(|v| v.to_scaled_f32(scaling))
+        .collect());
+    Array2::from_shape_vec((w, h), values)
+        .expect("plane length matches the shape")
+        .reversed_axes()
 }
 
 /// Limits applied while decoding untrusted input.
@@ -196,53 +212,345 @@ pub struct DecodeLimits {
     pub max_decompressed_bytes: u64,
 }
 
-/// Decodes a `.nii` or `.nii.gz` file (detected by its magic bytes, not its name).
+/// Decompressed bytes a full decode reads past the image before it calls the stream something else than the
+/// volume its header describes (a few bytes of padding are common; gigabytes of zeros are a bomb).
+pub const TRAILING_ALLOWANCE: u64 = 1 << 20;
+
+/// Where a NIfTI file's bytes come from.
+pub enum FileBytes<'a> {
+    /// The whole file in memory (a buffered upload): a `.nii` is read in place.
+    Memory(&'a [u8]),
+    /// A stream (an upload as it arrives): read once, front to back, and no further than needed.
+    Stream(Box<dyn Read + Send + 'a>),
+}
+
+/// Decodes a whole `.nii` or `.nii.gz` file in memory (detected by its magic bytes, not its name).
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<Volume, NiftiError> {
-    let was_compressed = bytes.starts_with(&GZIP_MAGIC);
-    if was_compressed {
-        let raw = gunzip(bytes, limits.max_decompressed_bytes)?;
-        decode_raw(&raw, true)
-    } else {
-        if bytes.len() as u64 > limits.max_decompressed_bytes {
-            return Err(NiftiError::TooLarge {
-                limit: limits.max_decompressed_bytes,
-            });
+    open(FileBytes::Memory(bytes), limits)?.read_volume()
+}
+
+/// Reads and checks a NIfTI-1 header, inflating only the header of a `.nii.gz`. The voxels stay unread until
+/// [`NiftiFile::read_volume`] or [`NiftiFile::read_slice`] asks for them, so what a file claims beyond its
+/// header never costs memory.
+pub fn open(bytes: FileBytes<'_>, limits: DecodeLimits) -> Result<NiftiFile<'_>, NiftiError> {
+    let (mut body, was_compressed) = match bytes {
+        FileBytes::Memory(data) if data.starts_with(&GZIP_MAGIC) => (
+            Body::stream(Box::new(bufread::MultiGzDecoder::new(data)), true),
+            true,
+        ),
+        FileBytes::Memory(data) => (Body::Memory { data, at: 0 }, false),
+        FileBytes::Stream(mut reader) => {
+            let mut magic = [0u8; 2];
+            let got = read_full(&mut reader, &mut magic).map_err(|e| read_error(e, false))?;
+            let head = std::io::Cursor::new(magic).take(got as u64);
+            if magic == GZIP_MAGIC {
+                let buffered = BufReader::with_capacity(1 << 16, head.chain(reader));
+                (
+                    Body::stream(Box::new(bufread::MultiGzDecoder::new(buffered)), true),
+                    true,
+                )
+            } else {
+                (Body::stream(Box::new(head.chain(reader)), false), false)
+            }
         }
-        decode_raw(bytes, false)
-    }
-}
-
-fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, NiftiError> {
-    let mut out = Vec::with_capacity(gunzip_capacity(bytes, limit));
-    let mut reader = MultiGzDecoder::new(bytes).take(limit + 1);
-    reader
-        .read_to_end(&mut out)
-        .map_err(|e| NiftiError::BadGzip(e.to_string()))?;
-    if out.len() as u64 > limit {
-        return Err(NiftiError::TooLarge { limit });
-    }
-    Ok(out)
-}
-
-/// Capacity to reserve for a gzip stream's output. The trailer holds the uncompressed size modulo 2^32: a good
-/// hint for real uploads, but attacker-controlled, so it is never trusted beyond `limit` nor beyond 16 times the
-/// compressed size (CT compresses about 2:1; a stream that expands further grows the buffer as it goes).
-fn gunzip_capacity(gz: &[u8], limit: u64) -> usize {
-    let trailer = gz
-        .len()
-        .checked_sub(4)
-        .map(|at| u32::from_le_bytes(gz[at..].try_into().expect("4 bytes")) as u64)
-        .unwrap_or(0);
-    trailer.min(limit).min(gz.len() as u64 * 16) as usize
-}
-
-fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> {
-    if bytes.len() < HEADER_SIZE {
+    };
+    let mut raw_header = Box::new([0u8; HEADER_SIZE]);
+    let got = body.read_into(&mut raw_header[..])?;
+    if got < HEADER_SIZE {
         return Err(NiftiError::NotNifti(format!(
-            "{} bytes is shorter than a NIfTI-1 header",
-            bytes.len()
+            "{got} bytes is shorter than a NIfTI-1 header"
         )));
     }
+    let header = parse_header(&raw_header)?;
+    let end = header.offset as u64 + header.image_bytes;
+    if end > limits.max_decompressed_bytes {
+        return Err(NiftiError::TooLarge {
+            limit: limits.max_decompressed_bytes,
+        });
+    }
+    Ok(NiftiFile {
+        geometry: Geometry {
+            shape: header.shape,
+            affine: header.affine,
+            raw_header,
+            endianness: header.endianness,
+        },
+        header,
+        body,
+        was_compressed,
+    })
+}
+
+/// A NIfTI-1 file whose header has been read and checked; its voxels are read on demand, once.
+pub struct NiftiFile<'a> {
+    geometry: Geometry,
+    header: Header,
+    body: Body<'a>,
+    was_compressed: bool,
+}
+
+impl NiftiFile<'_> {
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn was_compressed(&self) -> bool {
+        self.was_compressed
+    }
+
+    /// Bytes the decoded volume will hold in memory (what [`Self::read_volume`] allocates).
+    pub fn volume_bytes(&self) -> u64 {
+        self.header.image_bytes + HEADER_SIZE as u64
+    }
+
+    /// Reads the whole image into a buffer of exactly its size, in its stored datatype. A compressed stream
+    /// that goes on for more than [`TRAILING_ALLOWANCE`] bytes past the image is refused.
+    pub fn read_volume(mut self) -> Result<Volume, NiftiError> {
+        let voxels = self.geometry.shape.iter().product::<usize>();
+        if !self.body.skip_to(self.header.offset as u64)? {
+            return Err(self.truncated());
+        }
+        let data = self.read_voxels(voxels)?;
+        if self.was_compressed {
+            let extra = self.body.skip(TRAILING_ALLOWANCE + 1)?;
+            if extra > TRAILING_ALLOWANCE {
+                return Err(NiftiError::TrailingData {
+                    image: self.header.image_bytes,
+                    allowance: TRAILING_ALLOWANCE,
+                });
+            }
+        }
+        Ok(Volume {
+            geometry: self.geometry,
+            data,
+            scaling: self.header.scaling,
+            was_compressed: self.was_compressed,
+        })
+    }
+
+    /// Slice `k` as [`Volume::slice_f32`] gives it, reading (or inflating) the file no further than the end of
+    /// that slice: one plane is all this holds in memory.
+    pub fn read_slice(mut self, k: usize) -> Result<Array2<f32>, NiftiError> {
+        let [h, w, d] = self.geometry.shape;
+        assert!(k < d, "slice index is validated before it reaches the file");
+        let plane = h * w;
+        let plane_bytes = (plane * self.header.bytes_per_voxel) as u64;
+        if !self
+            .body
+            .skip_to(self.header.offset as u64 + k as u64 * plane_bytes)?
+        {
+            return Err(self.truncated());
+        }
+        let data = self.read_voxels(plane)?;
+        Ok(plane_f32(&data, [h, w], 0, self.header.scaling))
+    }
+
+    /// The next `count` voxels, in native byte order.
+    fn read_voxels(&mut self, count: usize) -> Result<VoxelData, NiftiError> {
+        let big_endian = self.header.endianness == Endianness::Big;
+        macro_rules! typed {
+            ($variant:ident, $ty:ty) => {{
+                let mut values: Vec<$ty> = vec![<$ty>::default(); count];
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+                let wanted = bytes.len();
+                let got = self.body.read_into(bytes)?;
+                if got < wanted {
+                    return Err(self.truncated());
+                }
+                if big_endian != cfg!(target_endian = "big") {
+                    values
+                        .iter_mut()
+                        .for_each(|v| *v = <$ty>::byte_swapped(*v));
+                }
+                VoxelData::$variant(values)
+            }};
+        }
+        Ok(match self.header.datatype {
+            2 => typed!(U8, u8),
+            256 => typed!(I8, i8),
+            4 => typed!(I16, i16),
+            512 => typed!(U16, u16),
+            8 => typed!(I32, i32),
+            768 => typed!(U32, u32),
+            1024 => typed!(I64, i64),
+            1280 => typed!(U64, u64),
+            16 => typed!(F32, f32),
+            64 => typed!(F64, f64),
+            other => return Err(NiftiError::UnsupportedDatatype(other.to_string())),
+        })
+    }
+
+    /// The error for a file that ended where the body now is.
+    fn truncated(&self) -> NiftiError {
+        let offset = self.header.offset as u64;
+        NiftiError::Truncated {
+            expected: self.header.image_bytes,
+            offset,
+            available: self.body.position().saturating_sub(offset),
+        }
+    }
+}
+
+/// A byte-swap that also serves the float types (through their bit patterns).
+trait SwapBytes: Copy {
+    fn byte_swapped(self) -> Self;
+}
+
+macro_rules! swap_int {
+    ($($ty:ty),*) => {$(
+        impl SwapBytes for $ty {
+            #[inline]
+            fn byte_swapped(self) -> Self {
+                self.swap_bytes()
+            }
+        }
+    )*};
+}
+swap_int!(u8, i8, u16, i16, u32, i32, u64, i64);
+
+impl SwapBytes for f32 {
+    #[inline]
+    fn byte_swapped(self) -> Self {
+        f32::from_bits(self.to_bits().swap_bytes())
+    }
+}
+
+impl SwapBytes for f64 {
+    #[inline]
+    fn byte_swapped(self) -> Self {
+        f64::from_bits(self.to_bits().swap_bytes())
+    }
+}
+
+/// The file's bytes after what has been read: a slice in memory, or a reader consumed front to back.
+enum Body<'a> {
+    Memory {
+        data: &'a [u8],
+        at: usize,
+    },
+    Stream {
+        reader: Box<dyn Read + Send + 'a>,
+        /// Whether the reader inflates (its errors are the gzip stream's).
+        gzip: bool,
+        at: u64,
+        /// Reused for skipping (the stack buffer of `io::copy` makes an inflater work in 8 KiB steps).
+        scratch: Vec<u8>,
+    },
+}
+
+impl<'a> Body<'a> {
+    fn stream(reader: Box<dyn Read + Send + 'a>, gzip: bool) -> Self {
+        Body::Stream {
+            reader,
+            gzip,
+            at: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn position(&self) -> u64 {
+        match self {
+            Body::Memory { at, .. } => *at as u64,
+            Body::Stream { at, .. } => *at,
+        }
+    }
+
+    /// Fills `buf` from the file; fewer bytes than asked only at its end.
+    fn read_into(&mut self, buf: &mut [u8]) -> Result<usize, NiftiError> {
+        match self {
+            Body::Memory { data, at } => {
+                let n = buf.len().min(data.len() - *at);
+                buf[..n].copy_from_slice(&data[*at..*at + n]);
+                *at += n;
+                Ok(n)
+            }
+            Body::Stream {
+                reader, gzip, at, ..
+            } => {
+                let n = read_full(reader, buf).map_err(|e| read_error(e, *gzip))?;
+                *at += n as u64;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Passes over up to `n` bytes without keeping them; returns how many there were.
+    fn skip(&mut self, n: u64) -> Result<u64, NiftiError> {
+        match self {
+            Body::Memory { data, at } => {
+                let skipped = n.min((data.len() - *at) as u64);
+                *at += skipped as usize;
+                Ok(skipped)
+            }
+            Body::Stream {
+                reader,
+                gzip,
+                at,
+                scratch,
+            } => {
+                scratch.resize(1 << 18, 0);
+                let mut skipped = 0u64;
+                while skipped < n {
+                    let want = (n - skipped).min(scratch.len() as u64) as usize;
+                    let got = read_full(reader, &mut scratch[..want])
+                        .map_err(|e| read_error(e, *gzip))?;
+                    skipped += got as u64;
+                    if got < want {
+                        break;
+                    }
+                }
+                *at += skipped;
+                Ok(skipped)
+            }
+        }
+    }
+
+    /// Moves to byte `position` of the file (never backwards); false when the file ends before it.
+    fn skip_to(&mut self, position: u64) -> Result<bool, NiftiError> {
+        let wanted = position.saturating_sub(self.position());
+        Ok(self.skip(wanted)? == wanted)
+    }
+}
+
+/// `read` until `buf` is full or the stream ends.
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn read_error(error: std::io::Error, gzip: bool) -> NiftiError {
+    if gzip {
+        // a corrupt or cut stream
+        NiftiError::BadGzip(error.to_string())
+    } else {
+        // the upload itself failed; the HTTP layer answers for it
+        NiftiError::Read(error.to_string())
+    }
+}
+
+/// What the decoder needs from a checked header.
+struct Header {
+    shape: [usize; 3],
+    affine: [[f64; 4]; 4],
+    endianness: Endianness,
+    datatype: i16,
+    bytes_per_voxel: usize,
+    scaling: Option<Scaling>,
+    /// Where the voxels start.
+    offset: usize,
+    /// Bytes of voxel data the header promises.
+    image_bytes: u64,
+}
+
+fn parse_header(bytes: &[u8; HEADER_SIZE]) -> Result<Header, NiftiError> {
     let sizeof_hdr = i32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
     match sizeof_hdr {
         348 => {}
@@ -265,8 +573,8 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
             ))
         }
     }
-    let header = NiftiHeader::from_reader(&bytes[..HEADER_SIZE])
-        .map_err(|e| NiftiError::BadHeader(e.to_string()))?;
+    let header =
+        NiftiHeader::from_reader(&bytes[..]).map_err(|e| NiftiError::BadHeader(e.to_string()))?;
     // nibabel takes the byte order from sizeof_hdr, the nifti crate from dim[0]: refuse a header where they
     // disagree rather than read it in an order nibabel would not (found by the nifti_decode fuzzer).
     let sizeof_hdr_big_endian = sizeof_hdr != 348;
@@ -277,46 +585,24 @@ fn decode_raw(bytes: &[u8], was_compressed: bool) -> Result<Volume, NiftiError> 
     }
 
     let shape = scalar_3d_shape(&header)?;
-    let datatype = header.datatype;
-    let bytes_per_voxel = bytes_per_voxel(datatype)?;
-
+    let bytes_per_voxel = bytes_per_voxel(header.datatype)?;
     let offset = data_offset(header.vox_offset)?;
     let voxel_count = shape
         .iter()
         .try_fold(1u64, |acc, &n| acc.checked_mul(n as u64))
         .ok_or_else(|| NiftiError::BadHeader("the dimensions overflow".into()))?;
-    let expected = voxel_count
+    let image_bytes = voxel_count
         .checked_mul(bytes_per_voxel as u64)
         .ok_or_else(|| NiftiError::BadHeader("the dimensions overflow".into()))?;
-    let available = (bytes.len() as u64).saturating_sub(offset as u64);
-    if expected > available {
-        return Err(NiftiError::Truncated {
-            expected,
-            offset: offset as u64,
-            available,
-        });
-    }
-    let raw = &bytes[offset..offset + expected as usize];
-    let big_endian = header.endianness == Endianness::Big;
-    let data = convert_voxels(datatype, raw, big_endian)?;
-
-    let scaling = read_scaling(&header)?;
-    let affine = best_affine(&header)?;
-    let raw_header: Box<[u8; HEADER_SIZE]> = Box::new(
-        bytes[..HEADER_SIZE]
-            .try_into()
-            .expect("length checked above"),
-    );
-    Ok(Volume {
-        geometry: Geometry {
-            shape,
-            affine,
-            raw_header,
-            endianness: header.endianness,
-        },
-        data,
-        scaling,
-        was_compressed,
+    Ok(Header {
+        shape,
+        affine: best_affine(&header)?,
+        endianness: header.endianness,
+        datatype: header.datatype,
+        bytes_per_voxel,
+        scaling: read_scaling(&header)?,
+        offset,
+        image_bytes,
     })
 }
 
@@ -389,37 +675,6 @@ fn data_offset(vox_offset: f32) -> Result<usize, NiftiError> {
         )));
     }
     Ok(offset)
-}
-
-fn convert_voxels(datatype: i16, raw: &[u8], big_endian: bool) -> Result<VoxelData, NiftiError> {
-    macro_rules! typed {
-        ($ty:ty) => {{
-            const N: usize = std::mem::size_of::<$ty>();
-            raw.chunks_exact(N)
-                .map(|chunk| {
-                    let bytes: [u8; N] = chunk.try_into().expect("chunks_exact");
-                    if big_endian {
-                        <$ty>::from_be_bytes(bytes)
-                    } else {
-                        <$ty>::from_le_bytes(bytes)
-                    }
-                })
-                .collect::<Vec<$ty>>()
-        }};
-    }
-    Ok(match datatype {
-        2 => VoxelData::U8(raw.to_vec()),
-        256 => VoxelData::I8(typed!(i8)),
-        4 => VoxelData::I16(typed!(i16)),
-        512 => VoxelData::U16(typed!(u16)),
-        8 => VoxelData::I32(typed!(i32)),
-        768 => VoxelData::U32(typed!(u32)),
-        1024 => VoxelData::I64(typed!(i64)),
-        1280 => VoxelData::U64(typed!(u64)),
-        16 => VoxelData::F32(typed!(f32)),
-        64 => VoxelData::F64(typed!(f64)),
-        other => return Err(NiftiError::UnsupportedDatatype(other.to_string())),
-    })
 }
 
 fn read_scaling(header: &NiftiHeader) -> Result<Option<Scaling>, NiftiError> {
@@ -769,16 +1024,116 @@ pub(crate) mod tests {
         assert_eq!(slice[[2, 1]], values[2 + 4 + 12] as f32);
     }
 
+    /// A reader that counts what is taken from it.
+    struct Counting<R> {
+        inner: R,
+        taken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.taken
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    /// A valid header and image followed by `extra` zero bytes, gzipped.
+    fn bomb(extra: u64) -> Vec<u8> {
+        let file = synthetic_nifti([8, 4, 3], 4, 16, &[3u8; 192], false);
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        std::io::Write::write_all(&mut encoder, &file).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = extra;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            std::io::Write::write_all(&mut encoder, &zeros[..n]).unwrap();
+            left -= n as u64;
+        }
+        encoder.finish().unwrap()
+    }
+
     #[test]
-    fn a_gzip_trailer_cannot_make_the_decoder_reserve_memory() {
-        let mut bomb_claim = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
-        bomb_claim.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(gunzip_capacity(&bomb_claim, 4 << 30), 14 * 16);
-        assert_eq!(gunzip_capacity(&bomb_claim, 100), 100);
-        let mut honest = vec![0u8; 1000];
-        honest[996..].copy_from_slice(&1800u32.to_le_bytes());
-        assert_eq!(gunzip_capacity(&honest, 4 << 30), 1800);
-        assert_eq!(gunzip_capacity(&[0x1f], 4 << 30), 0);
+    fn a_stream_is_inflated_no_further_than_the_header_needs() {
+        // 256 MiB of zeros after a 192-byte image: the full decode stops one allowance past the image and
+        // refuses; the slice read stops at the end of its slice; neither allocates more than the image.
+        let gz = bomb(256 << 20);
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stream = || {
+            FileBytes::Stream(Box::new(Counting {
+                inner: std::io::Cursor::new(gz.clone()),
+                taken: taken.clone(),
+            }))
+        };
+        match open(stream(), limits()).unwrap().read_volume() {
+            Err(NiftiError::TrailingData { image: 192, .. }) => {}
+            other => panic!("expected TrailingData, got {other:?}"),
+        }
+        // 1 MiB of zeros compresses to about 1 KiB: the decoder read one 64 KiB buffer of the 255 KiB stream
+        let read = taken.swap(0, std::sync::atomic::Ordering::Relaxed);
+        assert!(read <= 66 << 10, "read {read} of {} bytes", gz.len());
+        let slice = open(stream(), limits()).unwrap().read_slice(1).unwrap();
+        assert_eq!(slice.dim(), (8, 4));
+        assert!(slice
+            .iter()
+            .all(|&v| v == f32::from(i16::from_le_bytes([3, 3]))));
+        let read = taken.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read <= 66 << 10, "read {read} bytes for one slice");
+        // a little padding after the image is ignored, in memory and streamed
+        let padded = bomb(1000);
+        assert_eq!(
+            decode(&padded, limits()).unwrap().data,
+            VoxelData::I16(vec![i16::from_le_bytes([3, 3]); 96])
+        );
+    }
+
+    #[test]
+    fn slices_read_from_a_file_equal_slices_of_the_volume() {
+        let values: Vec<i16> = (0..5 * 4 * 3).map(|v| v as i16 * 7 - 100).collect();
+        for big in [false, true] {
+            let data: Vec<u8> = values
+                .iter()
+                .flat_map(|v| {
+                    if big {
+                        v.to_be_bytes()
+                    } else {
+                        v.to_le_bytes()
+                    }
+                })
+                .collect();
+            let file = synthetic_nifti([5, 4, 3], 4, 16, &data, big);
+            let volume = decode(&file, limits()).unwrap();
+            for bytes in [file.clone(), gzip(&file)] {
+                for k in 0..3 {
+                    let memory = open(FileBytes::Memory(&bytes), limits()).unwrap();
+                    assert_eq!(memory.read_slice(k).unwrap(), volume.slice_f32(k));
+                    let stream = FileBytes::Stream(Box::new(std::io::Cursor::new(bytes.clone())));
+                    let streamed = open(stream, limits()).unwrap();
+                    assert_eq!(streamed.geometry(), &volume.geometry);
+                    assert_eq!(streamed.read_slice(k).unwrap(), volume.slice_f32(k));
+                }
+            }
+        }
+        // a file cut inside slice 2 still gives slices 0 and 1
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let file = synthetic_nifti([5, 4, 3], 4, 16, &data, false);
+        let cut = &file[..file.len() - 10];
+        assert!(open(FileBytes::Memory(cut), limits())
+            .unwrap()
+            .read_slice(1)
+            .is_ok());
+        match open(FileBytes::Memory(cut), limits())
+            .unwrap()
+            .read_slice(2)
+        {
+            Err(NiftiError::Truncated {
+                expected: 120,
+                available: 110,
+                ..
+            }) => {}
+            other => panic!("expected Truncated, got {other:?}"),
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use deepgrow_server::admission::Inline;
 use deepgrow_server::annotate::{annotate, ImageSource, MaskFormat, OutputOptions};
 use deepgrow_server::deepgrow::{Clicks, PipelineConfig};
 use deepgrow_server::engine::{Engine, EngineError};
@@ -172,6 +173,7 @@ fn golden_cases_end_to_end_through_annotate() {
             DecodeLimits {
                 max_decompressed_bytes: 1 << 30,
             },
+            &Inline,
         )
         .unwrap();
         assert!(

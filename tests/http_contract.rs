@@ -504,7 +504,9 @@ fn unsupported_nifti_uploads_are_rejected_with_the_reason() {
     let addr = server();
     let ct = ct();
     let deepgrow = format!("/v1/deepgrow?model={MODEL}");
-    let params = r#"{"foreground": [[1, 1, 0]], "background": []}"#;
+    // A click on the last slice: a click reads an upload up to its slice, so a cut file is caught there.
+    let params = r#"{"foreground": [[1, 1, 29]], "background": []}"#;
+    assert_eq!(ct.volume.geometry.shape[2], 30);
     let truncated_raw = ct.raw[..ct.raw.len() / 2].to_vec();
     let truncated_gz = ct.gz[..ct.gz.len() / 2].to_vec();
     let mut header_only = ct.raw[..352].to_vec();

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use deepgrow_server::admission::Inline;
 use deepgrow_server::annotate::{annotate, ImageSource, MaskFormat, OutputOptions};
 use deepgrow_server::deepgrow::Clicks;
 use deepgrow_server::engine::{Kernels, TractEngine};
@@ -141,6 +142,7 @@ fn one_click_segments_liver_spleen_and_kidneys_on_the_held_out_ct() {
                 &clicks,
                 output,
                 LIMITS,
+                &Inline,
             )
             .unwrap();
             let mask = decode(&reply.file, LIMITS)

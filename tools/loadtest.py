@@ -1,34 +1,70 @@
 #!/usr/bin/env python3
-"""Load test for deepgrow-server (issue 6). Standard library only.
+"""Load test for deepgrow-server (issues 6 and 14). Standard library only.
 
 It starts the release binary on a free port with a short session expiry (or drives a running server given with
 --url, and --pid for RSS), then runs N concurrent clients over loopback for --duration seconds. Each client
 has its own connections (even-numbered clients keep one keep-alive connection, odd-numbered clients open a new
-connection per request, as the AIAA Python client does) and picks request kinds at random from this mix:
+connection per request, as the AIAA Python client does) and picks request kinds at random from this mix
+(--weight KIND=W changes a weight):
 
-    session_create   PUT /session/ with the CT                            -> 200
-    click_session    POST /v1/deepgrow?session_id=<own session>           -> 200 (440 only once the session aged out)
-    click_upload     POST /v1/deepgrow with the CT as 'datapoint'         -> 200
-    session_info     GET /session/<own session>                           -> 200 (440 as above)
-    session_delete   DELETE /session/<own session>                        -> 200
-    models           GET /v1/models                                       -> 200
-    health           GET /health                                          -> 200
-    bad_image        garbage bytes as the image (click or session)        -> 422
-    bad_params       malformed params JSON                                -> 400
-    unknown_model    ?model=no_such_model, GET /v1/models?model=...       -> 404
-    unknown_session  random session id (click, GET, DELETE)               -> 440
-    unknown_route    GET /v2/..., POST /v1/nothing                        -> 404
-    wrong_method     GET /v1/deepgrow, DELETE /v1/models, POST /health    -> 405
+    kind             request                                               expected           weight
+    session_create   PUT /session/ with the CT                             200                5
+    click_session    POST /v1/deepgrow?session_id=<own session>            200 (440 once the  30
+                                                                           session aged out)
+    click_upload     POST /v1/deepgrow with the CT as 'datapoint'          200                10
+    session_info     GET /session/<own session>                            200 (440 as above) 3
+    session_delete   DELETE /session/<own session>                         200                1
+    models           GET /v1/models                                        200                8
+    health           GET /health                                           200                8
+    bad_image        garbage bytes as the image (click or session)         422                4
+    bad_params       malformed params JSON                                 400                4
+    unknown_model    ?model=no_such_model, GET /v1/models?model=...        404                3
+    unknown_session  random session id (click, GET, DELETE)                440                4
+    unknown_route    GET /v2/..., POST /v1/nothing                         404                3
+    wrong_method     GET /v1/deepgrow, DELETE /v1/models, POST /health     405                3
+    big_session      PUT /session/ with the big volume (below), then       200 or 503         0 (2 with
+                     DELETE of the session it made (big_session_delete)    (DELETE: 200)      --big-mix)
+    big_click        POST /v1/deepgrow?model=... with the big volume as    200 or 503         0 (2 with
+                     'datapoint', the params part first                                       --big-mix)
+
+A 503 must carry Retry-After and the AIAA error JSON; it is expected only for the big kinds, for every other
+kind it is a failure. The big volume is generated once (--big-mib M, default 200): a little-endian int16
+NIfTI-1 .nii (352-byte header) of 512 x 512 x k slices, k = M MiB / 512 KiB, with a smooth CT-like phantom
+(air, body, a liver-like ellipse around the centre, a vertebra); its clicks go to the centre of the middle slice.
+--big-gzip sends it gzipped (compressed once, level 1). All clients share one bytes object: a big request is
+sent as [multipart head, volume, multipart tail] with an explicit Content-Length, never copied.
+
+Before the load, --baseline-n (default 5) sequential session_create requests with the CT time session creation
+on the idle server (each session is deleted again); the report gives session_create p50 under load against
+that unloaded p50 (issue 14's goal: within 2x).
 
 It reports throughput, p50/p95/p99 latency per kind, counts per status code, connection errors, dropped
 connections and unexpected statuses (including error bodies that are not the AIAA error JSON and 200 click
 replies without a params part and a mask file), and the server's RSS: baseline before the load, peak during it,
 at its end, and after every session has expired (the server sweeps every 30 s; /health is polled until it
-reports sessions == 0, then RSS is read after a short pause). It exits 1 if any 5xx, connection error, dropped
-connection or unexpected status occurred, or if the server died.
+reports sessions == 0, then RSS is read after a short pause). It exits 1 if any unexpected 5xx, connection
+error, dropped connection or unexpected status occurred, or if the server died.
+
+Burst mode (--burst N) runs instead of the load: once the server is ready, one more thread creates a small
+session with the CT (and times 3 idle clicks on it); then the server's RSS is read and its peak reset
+(echo 5 > /proc/PID/clear_refs), and N clients, each on a connection opened beforehand, send one big upload
+(--burst-mib M, default 900; --burst-kind session, click or mixed) at the same moment (a barrier), all sharing
+one generated volume. While they run, the extra thread clicks with its session in a loop. It reports every
+client's status and wall time (a connection reset or other error, i.e. no status, is counted apart), the
+200/503/other counts, the server's peak RSS rise (VmHWM after - RSS before) against the in-flight budget
+(inflight_budget_bytes of /health) and the session budget (--session-memory-bytes, passed to the server when
+given; default the server's 8 GiB), and the session clicks' latencies during the burst (p50, max, n). The
+sessions the burst created are deleted afterwards. It exits 1 if a client got no status or one outside
+{200, 503}, a 503 lacked Retry-After or the AIAA error JSON, a 200 click reply was malformed, the session
+clicks got an error or a status outside {200, 440, 503}, or the server died.
 
     python3 tools/loadtest.py                                   # 8 clients, 60 s, the 512x512x20 CT
     python3 tools/loadtest.py --small --duration 15             # quick run with the 122x101x30 fixture
+    python3 tools/loadtest.py --big-mix --duration 60           # the mix plus 200 MiB uploads
+    python3 tools/loadtest.py --big-mix --big-mib 400 --big-gzip --server-arg=--max-inflight-bytes=2000000000
+    python3 tools/loadtest.py --burst 12 --burst-mib 900        # 12 simultaneous 900 MiB session uploads
+    python3 tools/loadtest.py --burst 12 --burst-kind mixed --session-memory-bytes 4294967296 --json /tmp/burst.json
+    python3 tools/loadtest.py --burst 8 --url http://127.0.0.1:5000 --pid 1234
     python3 tools/loadtest.py --url http://127.0.0.1:5000 --pid 1234 --session-expiry 3600
     python3 tools/loadtest.py --server-env MALLOC_ARENA_MAX=2 --json /tmp/load.json
 
@@ -38,6 +74,7 @@ compare_engines.py imports the HTTP, multipart, NIfTI-header and process helpers
 from __future__ import annotations
 
 import argparse
+import array
 import gzip
 import http.client
 import io
@@ -55,6 +92,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -73,6 +111,10 @@ KNOWN_CLICKS = {
 }
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+# The server's --session-memory-bytes default (what the burst report assumes unless told otherwise).
+DEFAULT_SESSION_MEMORY = 8 * GIB
+NIFTI_HEADER_BYTES = 352  # the 348-byte NIfTI-1 header and the 4-byte extension flag of a single-file .nii
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure helpers (tested in tools/tests/test_bench_tools.py)
@@ -256,6 +298,262 @@ def fmt_mib(kib) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
+def fmt_bytes(n) -> str:
+    """Bytes as GiB (from 1 GiB), MiB (from 1 MiB) or KiB; "-" for None."""
+    if n is None:
+        return "-"
+    if abs(n) >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / MIB:.1f} MiB" if abs(n) >= MIB else f"{n / 1024:.1f} KiB"
+
+
+def fmt_s(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+# ---- the big generated volume (issue 14)
+
+
+def nifti1_header(shape, spacing=(0.8, 0.8, 1.0), datatype=4, bitpix=16,
+                  descrip=b"deepgrow-server loadtest phantom") -> bytes:
+    """A little-endian NIfTI-1 single-file header (348 bytes + the 4-byte empty extension flag = 352, the
+    vox_offset), int16 by default, scl_slope 1, qform and sform both the scaled identity (method 2 and 3 agree)."""
+    h = bytearray(348)
+    struct.pack_into("<i", h, 0, 348)
+    h[38] = ord("r")
+    dims = [len(shape), *[int(d) for d in shape]] + [1] * (7 - len(shape))
+    struct.pack_into("<8h", h, 40, *dims)
+    struct.pack_into("<hh", h, 70, datatype, bitpix)
+    pixdim = [1.0, *[float(v) for v in spacing]] + [1.0] * (7 - len(spacing))  # pixdim[0] is qfac
+    struct.pack_into("<8f", h, 76, *pixdim)
+    struct.pack_into("<fff", h, 108, float(NIFTI_HEADER_BYTES), 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    h[123] = 2 | 8  # xyzt_units: mm, s
+    h[148:148 + min(len(descrip), 79)] = descrip[:79]
+    struct.pack_into("<hh", h, 252, 1, 1)  # qform_code, sform_code: scanner
+    sp = list(spacing) + [1.0] * (3 - len(spacing))
+    struct.pack_into("<4f", h, 280, sp[0], 0.0, 0.0, 0.0)
+    struct.pack_into("<4f", h, 296, 0.0, sp[1], 0.0, 0.0)
+    struct.pack_into("<4f", h, 312, 0.0, 0.0, sp[2], 0.0)
+    h[344:348] = b"n+1\0"
+    return bytes(h) + b"\0\0\0\0"
+
+
+def slices_for_mib(mib: float, nx: int = 512, ny: int = 512) -> int:
+    """Slices of nx x ny int16 that make about mib MiB (at least 1)."""
+    return max(1, int(round(mib * MIB / (nx * ny * 2))))
+
+
+# Hounsfield units of the phantom
+HU_AIR, HU_FAT, HU_LIVER, HU_BONE = -1000, -90, 60, 700
+
+
+def _span(y, xc, yc, a, b, nx):
+    """[x0, x1) of row y inside the ellipse centred (xc, yc) with semi-axes a (x) and b (y), or None."""
+    dy = (y - yc) / b
+    if abs(dy) >= 1.0:
+        return None
+    half = a * math.sqrt(1.0 - dy * dy)
+    x0, x1 = max(0, math.ceil(xc - half)), min(nx, math.floor(xc + half) + 1)
+    return (x0, x1) if x1 > x0 else None
+
+
+def ct_like_slice(nx: int = 512, ny: int = 512, variant: float = 1.0) -> bytes:
+    """One slice (x fastest) of int16 little-endian voxels: air, an elliptic body (a rim of fat around soft tissue
+    that brightens smoothly from top to bottom), a liver-like ellipse that holds the centre (its size grows with
+    variant, 0..1, and its value varies smoothly by row) and a vertebra below it. Built row by row from runs, so
+    512 x 512 takes milliseconds."""
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    s = 0.7 + 0.3 * max(0.0, min(1.0, variant))
+    parts = []
+    for y in range(ny):
+        row = array.array("h", [HU_AIR]) * nx
+        for (xc, yc, a, b), value in (
+                ((cx, cy, 0.46 * nx, 0.38 * ny), HU_FAT),
+                ((cx, cy, 0.42 * nx, 0.34 * ny), int(round(25 + 20 * y / max(1, ny - 1)))),
+                ((cx - 0.06 * nx, cy - 0.02 * ny, 0.22 * nx * s, 0.16 * ny * s),
+                 int(round(HU_LIVER + 6 * math.cos(math.pi * y / max(1, ny - 1))))),
+                ((cx, cy + 0.27 * ny, 0.05 * nx, 0.05 * ny), HU_BONE)):
+            sp = _span(y, xc, yc, a, b, nx)
+            if sp:
+                row[sp[0]:sp[1]] = array.array("h", [value]) * (sp[1] - sp[0])
+        if sys.byteorder != "little":
+            row.byteswap()
+        parts.append(row.tobytes())
+    return b"".join(parts)
+
+
+def make_big_volume(mib: float, gzip_level=None, nx: int = 512, ny: int = 512, variants: int = 8) -> dict:
+    """The big upload, generated once: a NIfTI-1 .nii of nx x ny x k int16 (k from mib) whose slices cycle
+    through a few sizes of the phantom (larger in the middle), joined into one bytes object (or, with
+    gzip_level, deflated slice by slice into one gzip member, so that the raw volume is never held). Returns
+    {"data", "name", "shape", "click" (centre of the middle slice), "raw_bytes", "gzip"}."""
+    k = slices_for_mib(mib, nx, ny)
+    nv = max(1, min(variants, k))
+    kinds = [ct_like_slice(nx, ny, math.sin(math.pi * (v + 0.5) / nv)) for v in range(nv)]
+    slices = [kinds[z * nv // k] for z in range(k)]  # references, not copies
+    header = nifti1_header((nx, ny, k))
+    if gzip_level is None:
+        data = b"".join([header, *slices])
+    else:
+        comp = zlib.compressobj(gzip_level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip wrapper, mtime 0
+        data = b"".join([comp.compress(header), *(comp.compress(sl) for sl in slices), comp.flush()])
+    return {"data": data, "name": "big_phantom.nii" + (".gz" if gzip_level is not None else ""),
+            "shape": (nx, ny, k), "click": (nx // 2, ny // 2, k // 2),
+            "raw_bytes": NIFTI_HEADER_BYTES + nx * ny * k * 2, "gzip": gzip_level is not None}
+
+
+def multipart_frame(fields, file_field: str, filename: str, boundary: str = BOUNDARY) -> tuple[str, bytes, bytes]:
+    """(content_type, head, tail) such that head + data + tail == encode_multipart(fields, [(file_field,
+    filename, data)])[1] for any data: the framing of a body whose one file part is sent without copying it."""
+    ct, empty = encode_multipart(fields, [(file_field, filename, b"")], boundary)
+    tail = b"\r\n--" + boundary.encode() + b"--\r\n"
+    if not empty.endswith(tail):
+        raise AssertionError("encode_multipart's closing boundary changed")
+    return ct, empty[:-len(tail)], tail
+
+
+def framed_body(ct: str, head: bytes, data: bytes, tail: bytes) -> tuple[tuple, dict]:
+    """(body, headers) for http.client: the body is the tuple (head, data, tail), which http.client sends chunk
+    by chunk (data itself is handed to sendall, not copied), with an explicit Content-Length."""
+    return (head, data, tail), {"Content-Type": ct, "Content-Length": str(len(head) + len(data) + len(tail))}
+
+
+def load_ratio(loaded, unloaded):
+    """loaded / unloaded, or None when either is missing or unloaded is not positive."""
+    if loaded is None or unloaded is None or unloaded <= 0:
+        return None
+    return loaded / unloaded
+
+
+def session_create_comparison(unloaded_s, loaded_s, goal: float = 2.0) -> tuple[dict, str]:
+    """session_create p50 on the idle server against under load (lists of seconds): (JSON dict, report line)."""
+    u = median([x * 1000 for x in unloaded_s])
+    l = median([x * 1000 for x in loaded_s])
+    r = load_ratio(l, u)
+    d = {"unloaded_n": len(unloaded_s), "unloaded_p50_ms": u, "loaded_n": len(loaded_s), "loaded_p50_ms": l,
+         "ratio": r, "goal_ratio": goal, "within_goal": None if r is None else r <= goal}
+    verdict = "-" if r is None else f"{r:.2f}x ({'within' if r <= goal else 'OVER'} the {goal:g}x goal)"
+    line = (f"session_create p50: unloaded {fmt_ms(u)} ms (n {len(unloaded_s)}), under load {fmt_ms(l)} ms "
+            f"(n {len(loaded_s)}); ratio {verdict}")
+    return d, line
+
+
+# ---- the burst's summary
+
+
+BURST_OK = {200, 503}
+MONITOR_OK = {200, 440, 503}
+
+
+def summarize_burst(clients, monitor, rss_before_kib=None, hwm_kib=None, sampled_peak_kib=None,
+                    inflight_budget_bytes=None, session_budget_bytes=None, kind="session", server_alive=True,
+                    idle_clicks_s=()) -> dict:
+    """The burst's verdict from its records (pure; tested with fake ones).
+
+    clients: one dict per burst client: "status" (None: no reply), "wall_s", "error" (why no status),
+    "retry_after", "aiaa_error" (the body is the AIAA error JSON), "reply_ok" (200 click: params + mask).
+    monitor: one dict per session click during the burst: "status" (None on an error), "latency_s", "error".
+    The peak rise is VmHWM (since its reset) minus VmRSS before, or the sampled peak minus it without VmHWM;
+    its bound is the in-flight budget, plus the session budget when sessions were uploaded."""
+    counts = {"200": 0, "503": 0, "other": 0, "no_status": 0}
+    problems = []
+    for i, c in enumerate(clients):
+        st = c.get("status")
+        who = f"client {c.get('idx', i)} ({c.get('kind', kind)})"
+        if st is None:
+            counts["no_status"] += 1
+            problems.append(f"{who}: no status ({c.get('error') or 'no reply'})")
+            continue
+        counts[str(st) if st in BURST_OK else "other"] += 1
+        if st not in BURST_OK:
+            problems.append(f"{who}: status {st}")
+        elif st == 503:
+            if not c.get("retry_after"):
+                problems.append(f"{who}: 503 without Retry-After")
+            if not c.get("aiaa_error"):
+                problems.append(f"{who}: 503 body is not the AIAA error JSON")
+        elif c.get("reply_ok") is False:
+            problems.append(f"{who}: malformed 200 reply ({c.get('reply_error')})")
+    walls = [c["wall_s"] for c in clients if c.get("wall_s") is not None]
+
+    ok_lat = [m["latency_s"] * 1000 for m in monitor if m.get("status") == 200 and m.get("latency_s") is not None]
+    mon_status = Counter(str(m["status"]) if m.get("status") is not None else "error" for m in monitor)
+    mon_bad = [m for m in monitor if m.get("status") not in MONITOR_OK]
+    for m in mon_bad[:5]:
+        problems.append(f"session click: {m.get('error') or 'status ' + str(m.get('status'))}")
+    if len(mon_bad) > 5:
+        problems.append(f"session click: {len(mon_bad) - 5} more failures")
+    idle = [x * 1000 for x in idle_clicks_s]
+
+    peak = hwm_kib if hwm_kib is not None else sampled_peak_kib
+    rise = None if peak is None or rss_before_kib is None else (peak - rss_before_kib) * 1024
+    with_sessions = kind in ("session", "mixed")
+    bound = None
+    if inflight_budget_bytes is not None:
+        bound = inflight_budget_bytes + ((session_budget_bytes or 0) if with_sessions else 0)
+    if not server_alive:
+        problems.append("the server died (or stopped answering)")
+    return {
+        "clients": len(clients), "counts": counts, "problems": problems, "failed": bool(problems),
+        "wall_s": {"min": min(walls) if walls else None, "median": median(walls), "max": max(walls) if walls else None},
+        "rss": {"before_kib": rss_before_kib, "vm_hwm_kib": hwm_kib, "sampled_peak_kib": sampled_peak_kib,
+                "peak_source": "VmHWM" if hwm_kib is not None else ("sampled" if sampled_peak_kib is not None else None),
+                "rise_bytes": rise},
+        "budgets": {"inflight_bytes": inflight_budget_bytes, "session_bytes": session_budget_bytes,
+                    "bound_bytes": bound, "bound_includes_sessions": with_sessions,
+                    "rise_within_bound": None if rise is None or bound is None else rise <= bound},
+        "session_clicks": {"n": len(ok_lat), "p50_ms": median(ok_lat), "max_ms": max(ok_lat) if ok_lat else None,
+                           "attempts": len(monitor), "statuses": dict(sorted(mon_status.items())),
+                           "idle_p50_ms": median(idle), "idle_n": len(idle),
+                           "ratio_to_idle": load_ratio(median(ok_lat), median(idle))},
+        "server_alive": server_alive,
+    }
+
+
+def format_burst_report(summary: dict, clients) -> str:
+    """The burst's report: one line per client, then the counts, memory against the budgets and the session
+    clicks."""
+    lines = [f"{'client':>6} {'kind':<8} {'status':>6} {'wall s':>8}  note"]
+    for i, c in enumerate(clients):
+        st = c.get("status")
+        note = c.get("error") or ""
+        if st == 503:
+            note = f"Retry-After {c.get('retry_after')}" + ("" if c.get("aiaa_error") else ", body not AIAA JSON")
+        elif st == 200 and c.get("reply_ok") is False:
+            note = f"malformed reply: {c.get('reply_error')}"
+        elif st not in (None, 200):
+            note = (c.get("body") or "")[:120]
+        if c.get("sent_all") is False:
+            note = ("reply before the whole body was sent; " + note).strip("; ")
+        wall = c.get("wall_s")
+        lines.append(f"{c.get('idx', i):>6} {c.get('kind', ''):<8} {'-' if st is None else st:>6} "
+                     f"{fmt_s(wall):>8}  {note}")
+    n = summary["counts"]
+    w = summary["wall_s"]
+    lines.append(f"statuses: 200: {n['200']}, 503: {n['503']}, other: {n['other']}, no status (connection reset "
+                 f"or error): {n['no_status']}; wall s min {fmt_s(w['min'])}, median {fmt_s(w['median'])}, "
+                 f"max {fmt_s(w['max'])}")
+    r, b = summary["rss"], summary["budgets"]
+    peak = r["vm_hwm_kib"] if r["vm_hwm_kib"] is not None else r["sampled_peak_kib"]
+    within = b["rise_within_bound"]
+    lines.append(
+        f"server RSS: before {fmt_mib(r['before_kib'])}, peak {fmt_mib(peak)} ({r['peak_source'] or 'unavailable'}"
+        + (f"; sampled {fmt_mib(r['sampled_peak_kib'])}" if r["vm_hwm_kib"] is not None and r["sampled_peak_kib"]
+           is not None else "") + f"), rise {fmt_bytes(r['rise_bytes'])}; in-flight budget "
+        f"{fmt_bytes(b['inflight_bytes'])}, session budget {fmt_bytes(b['session_bytes'])}; bound "
+        f"{fmt_bytes(b['bound_bytes'])} ({'in-flight + sessions' if b['bound_includes_sessions'] else 'in-flight'}"
+        f"): {'-' if within is None else ('within' if within else 'EXCEEDED')}")
+    s = summary["session_clicks"]
+    ratio = s["ratio_to_idle"]
+    lines.append(f"session clicks during the burst: n {s['n']} (of {s['attempts']}), p50 {fmt_ms(s['p50_ms'])} ms, "
+                 f"max {fmt_ms(s['max_ms'])} ms; idle p50 {fmt_ms(s['idle_p50_ms'])} ms (n {s['idle_n']})"
+                 + ("" if ratio is None else f", {ratio:.2f}x idle") + "; statuses "
+                 + (", ".join(f"{k}: {v}" for k, v in s["statuses"].items()) or "none"))
+    for p in summary["problems"]:
+        lines.append(f"  FAIL: {p}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # HTTP and the server process
 # --------------------------------------------------------------------------------------------------------------
@@ -426,7 +724,12 @@ WEIGHTS = {
     "unknown_session": 4,
     "unknown_route": 3,
     "wrong_method": 3,
+    "big_session": 0,
+    "big_click": 0,
 }
+# The weights --big-mix gives the big kinds (against about 86 for the rest of the mix: ~4.5% of the requests).
+BIG_MIX_WEIGHTS = {"big_session": 2, "big_click": 2}
+BIG_KINDS = tuple(BIG_MIX_WEIGHTS)
 EXPECTED = {
     "session_create": {200},
     "click_session": {200},
@@ -441,6 +744,9 @@ EXPECTED = {
     "unknown_session": {440},
     "unknown_route": {404},
     "wrong_method": {405},
+    "big_session": {200, 503},
+    "big_session_delete": {200},
+    "big_click": {200, 503},
 }
 BAD_PARAMS = ['{"foreground": [[1, 2, 3]]', "not json at all", '{"foreground": [[1,2,3]],}', "{'foreground': []}"]
 
@@ -540,10 +846,13 @@ class Client(threading.Thread):
             conn.close()
         self.stats.add(kind, resp.status, t1 - t0)
         if resp.status >= 500:
-            self.stats.bad(kind, resp.status, "5xx", data, path)
+            if resp.status not in EXPECTED.get(kind, ()):
+                self.stats.bad(kind, resp.status, "5xx", data, path)
             if resp.status == 503 and "retry-after" not in hdrs:
                 with self.stats.lock:
                     self.stats.retry_after_missing += 1
+                if resp.status in EXPECTED.get(kind, ()):
+                    self.stats.bad(kind, resp.status, "503 without Retry-After", data, path)
         return resp.status, hdrs, data, t0
 
     # ---- helpers
@@ -552,7 +861,7 @@ class Client(threading.Thread):
         if res is None:
             return None
         status, hdrs, data, _ = res
-        if status >= 500:
+        if status >= 500 and status not in EXPECTED[kind]:
             return status  # already recorded
         if status in EXPECTED[kind]:
             if status >= 400 and not is_aiaa_error(data):
@@ -732,6 +1041,32 @@ class Client(threading.Thread):
         res = self.request("wrong_method", method, path)
         self.check("wrong_method", res, path)
 
+    def do_big_session(self):
+        big = self.cfg["big"]
+        path = "/session/"
+        body, headers = framed_body(big["session_ct"], big["session_head"], big["data"], big["tail"])
+        res = self.request("big_session", "PUT", path, body, headers)
+        if self.check("big_session", res, path) == 200:
+            try:
+                sid = json.loads(res[2])["session_id"]
+            except (ValueError, KeyError, TypeError):
+                self.stats.bad("big_session", 200, "no session_id in the reply", res[2], path)
+                return
+            # delete it at once: big sessions left to expire would evict the clients' own (LRU) and show as 440s
+            path = f"/session/{sid}"
+            self.check("big_session_delete", self.request("big_session_delete", "DELETE", path), path)
+
+    def do_big_click(self):
+        big = self.cfg["big"]
+        path = f"/v1/deepgrow?model={MODEL}"
+        i, j, k = big["click"]
+        params = json.dumps({"foreground": [[i, j, k]], "background": []})
+        ct, head, tail = multipart_frame([("params", params)], "datapoint", big["name"])  # params first
+        body, headers = framed_body(ct, head, big["data"], tail)
+        res = self.request("big_click", "POST", path, body, headers)
+        if self.check("big_click", res, path) == 200:
+            self._click_ok("big_click", res, path)
+
     def run(self):
         while time.perf_counter() < self.stop_at:
             kind = self.rng.choices(self.kinds, self.weights)[0]
@@ -770,6 +1105,318 @@ def health(host, port):
     return json.loads(data) if status == 200 else {"status": status}
 
 
+def idle_session_creates(host, port, body, headers, n, timeout=300.0) -> tuple[list, list]:
+    """n sequential PUT /session/ (each deleted again) on the idle server: (seconds of each 200, problems)."""
+    times, problems = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            st, _, data = http_request(host, port, "PUT", "/session/", body, headers, timeout=timeout)
+            dt = time.perf_counter() - t0
+            if st != 200:
+                problems.append(f"status {st}: {data[:160]!r}")
+                continue
+            times.append(dt)
+            sid = json.loads(data)["session_id"]
+            http_request(host, port, "DELETE", f"/session/{sid}", timeout=timeout)
+        except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as e:
+            problems.append(f"{type(e).__name__}: {e}")
+    return times, problems
+
+
+def build_big(volume: dict) -> dict:
+    """The shared parts of the big requests: the volume's bytes (one object for every thread), the session
+    upload's multipart head and the closing tail (the click's head carries its params and is built per request)."""
+    ct, head, tail = multipart_frame([], "image", volume["name"])
+    return {**volume, "session_ct": ct, "session_head": head, "tail": tail}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Burst mode (issue 14): N big uploads at the same moment, one session clicking through it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def burst_kinds(n: int, kind: str) -> list:
+    """The request kind of each of n burst clients: all "session", all "click", or alternating for "mixed"."""
+    if kind == "mixed":
+        return ["session" if i % 2 == 0 else "click" for i in range(n)]
+    return [kind] * n
+
+
+def burst_request(kind: str, big: dict) -> tuple[str, str, tuple, dict]:
+    """(method, path, body, headers) of a burst client's upload; body shares big["data"]."""
+    if kind == "session":
+        body, headers = framed_body(big["session_ct"], big["session_head"], big["data"], big["tail"])
+        return "PUT", "/session/", body, headers
+    i, j, k = big["click"]
+    ct, head, tail = multipart_frame([("params", json.dumps({"foreground": [[i, j, k]], "background": []}))],
+                                     "datapoint", big["name"])
+    body, headers = framed_body(ct, head, big["data"], tail)
+    return "POST", f"/v1/deepgrow?model={MODEL}", body, headers
+
+
+class BurstClient(threading.Thread):
+    """One big upload on a connection opened before the barrier; every outcome ends in self.rec."""
+
+    def __init__(self, idx, kind, big, host, port, timeout, barrier):
+        super().__init__(name=f"burst-{idx}", daemon=True)
+        self.kind, self.big, self.host, self.port, self.timeout, self.barrier = kind, big, host, port, timeout, barrier
+        self.rec = {"idx": idx, "kind": kind, "status": None, "wall_s": None, "error": None, "sent_all": None,
+                    "retry_after": None, "aiaa_error": None, "reply_ok": None, "reply_error": None, "body": None,
+                    "session_id": None}
+
+    def run(self):
+        rec = self.rec
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            method, path, body, headers = burst_request(self.kind, self.big)
+            conn.connect()
+        except Exception as e:  # noqa: BLE001  (reach the barrier whatever happened)
+            rec["error"] = f"connect: {type(e).__name__}: {e}"
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            rec["error"] = rec["error"] or "the start barrier broke"
+            conn.close()
+            return
+        if rec["error"]:
+            conn.close()
+            return
+        t0 = time.perf_counter()
+        try:
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                rec["sent_all"] = True
+            except OSError as e:  # the server may have answered and closed before the body was through
+                rec["sent_all"] = False
+                rec["error"] = f"send: {type(e).__name__}: {e}"
+            resp = conn.getresponse()
+            data = resp.read()
+            rec["wall_s"] = time.perf_counter() - t0
+            rec["status"] = resp.status
+            rec["error"] = None if rec["sent_all"] else rec["error"]
+        except (OSError, http.client.HTTPException) as e:
+            rec["wall_s"] = time.perf_counter() - t0
+            rec["error"] = (rec["error"] + "; " if rec["error"] else "") + f"reply: {type(e).__name__}: {e}"
+            return
+        finally:
+            conn.close()
+        hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        rec["retry_after"] = hdrs.get("retry-after")
+        if resp.status != 200:
+            rec["aiaa_error"] = is_aiaa_error(data)
+            rec["body"] = data[:300].decode("utf-8", "replace")
+        elif self.kind == "session":
+            try:
+                rec["session_id"] = json.loads(data)["session_id"]
+                rec["reply_ok"] = True
+            except (ValueError, KeyError, TypeError) as e:
+                rec["reply_ok"], rec["reply_error"] = False, f"no session_id: {e}"
+        else:
+            try:
+                params, mask_bytes = click_reply_params(hdrs.get("content-type", ""), data)
+                rec["reply_ok"] = True
+                rec["latencies"] = params.get("latencies")
+                rec["mask_bytes"] = mask_bytes
+            except ValueError as e:
+                rec["reply_ok"], rec["reply_error"] = False, str(e)
+
+
+class BurstMonitor(threading.Thread):
+    """Creates a small session with the CT, times a few idle clicks on it, sets self.ready, waits at the barrier,
+    then clicks with the session in a loop until self.done is set (440: the session was evicted, made anew)."""
+
+    IDLE_CLICKS = 3
+
+    def __init__(self, host, port, timeout, session_body, session_headers, click, barrier):
+        super().__init__(name="burst-monitor", daemon=True)
+        self.host, self.port, self.timeout = host, port, timeout
+        self.session_body, self.session_headers, self.click, self.barrier = session_body, session_headers, click, barrier
+        self.ready, self.done = threading.Event(), threading.Event()
+        self.sid = None
+        self.records, self.idle_s, self.setup_problems, self.sessions_made = [], [], [], []
+
+    def create(self):
+        st, hd, data = http_request(self.host, self.port, "PUT", "/session/", self.session_body,
+                                    self.session_headers, timeout=self.timeout)
+        if st != 200:
+            raise RuntimeError(f"session create: status {st} {data[:160]!r}")
+        self.sid = json.loads(data)["session_id"]
+        self.sessions_made.append(self.sid)
+
+    def click_once(self):
+        body_ct, body = encode_multipart([("params", json.dumps({"foreground": [list(self.click)], "background": []}))])
+        t0 = time.perf_counter()
+        st, hd, data = http_request(self.host, self.port, "POST", f"/v1/deepgrow?model={MODEL}&session_id={self.sid}",
+                                    body, {"Content-Type": body_ct}, timeout=self.timeout)
+        dt = time.perf_counter() - t0
+        if st == 200:
+            click_reply_params(hd.get("content-type", ""), data)  # ValueError if malformed
+        return st, dt, data
+
+    def run(self):
+        try:
+            self.create()
+            for _ in range(self.IDLE_CLICKS):
+                st, dt, data = self.click_once()
+                if st == 200:
+                    self.idle_s.append(dt)
+                else:
+                    self.setup_problems.append(f"idle click: status {st} {data[:160]!r}")
+        except Exception as e:  # noqa: BLE001  (whatever it is, the burst must not wait for this thread)
+            self.setup_problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            self.ready.set()
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        t_start = time.perf_counter()
+        while not self.done.is_set() and self.sid is not None:
+            rec = {"t_s": round(time.perf_counter() - t_start, 3), "status": None, "latency_s": None, "error": None}
+            try:
+                rec["status"], rec["latency_s"], data = self.click_once()
+                if rec["status"] == 440:
+                    self.create()
+                elif rec["status"] == 503:
+                    time.sleep(0.2)
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, http.client.HTTPException) as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+                self.done.wait(0.2)
+            self.records.append(rec)
+
+
+def reset_peak_rss(pid) -> bool:
+    """echo 5 > /proc/PID/clear_refs: VmHWM restarts from the current RSS. False if not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_burst(args, host, port, pid, server, image, click, big, ready_s) -> int:
+    n = args.burst
+    kinds = burst_kinds(n, args.burst_kind)
+    session_ct, session_body = encode_multipart(files=[("image", args.image.name, image)])
+    session_budget = args.session_memory_bytes if args.session_memory_bytes is not None else DEFAULT_SESSION_MEMORY
+    try:
+        h0 = health(host, port)
+    except OSError as e:
+        raise SystemExit(f"the server does not answer /health: {e}")
+    budget = h0.get("inflight_budget_bytes")
+    print(f"burst: {n} x {args.burst_kind} of {big['name']} {big['shape']}, {fmt_bytes(len(big['data']))} each"
+          + (f" ({fmt_bytes(big['raw_bytes'])} raw)" if big["gzip"] else "") + f", one shared buffer; in-flight "
+          f"budget {fmt_bytes(budget)}, session budget {fmt_bytes(session_budget)}"
+          + ("" if args.session_memory_bytes is not None else " (the server's default)"), flush=True)
+    if budget is not None and len(big["data"]) > budget:
+        print(f"  note: one upload is larger than the in-flight budget; expect 413 (a failure here)", flush=True)
+
+    barrier = threading.Barrier(n + 2, timeout=max(120.0, args.timeout))
+    monitor = BurstMonitor(host, port, args.timeout, session_body, {"Content-Type": session_ct}, click, barrier)
+    clients = [BurstClient(i, kinds[i], big, host, port, args.timeout, barrier) for i in range(n)]
+    monitor.start()
+    monitor.ready.wait()
+    if monitor.setup_problems:
+        print(f"  session clicker set-up: {monitor.setup_problems}", flush=True)
+    for c in clients:
+        c.start()
+    rss_before = proc_status_kib(pid) if pid else None
+    reset_ok = reset_peak_rss(pid) if pid else False
+    if pid and not reset_ok:
+        print("  note: cannot write /proc/PID/clear_refs; the peak is the sampled RSS", flush=True)
+    sampler = RssSampler(pid, period=0.05) if pid else None
+    if sampler:
+        sampler.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        print("  the start barrier broke (a thread did not arrive in time)", flush=True)
+    t0 = time.perf_counter()
+    for c in clients:
+        c.join()
+    burst_s = time.perf_counter() - t0
+    monitor.done.set()
+    monitor.join(args.timeout + 5)
+    if sampler:
+        sampler.stop()
+    hwm = proc_status_kib(pid, "VmHWM") if (pid and reset_ok) else None
+
+    # ---- after: the server's state, then the burst's sessions (and the clicker's) are deleted
+    server_alive = server.alive() if server else True
+    if pid and not Path(f"/proc/{pid}").exists():
+        server_alive = False
+    h1 = None
+    released_after_s = None
+    t_h = time.perf_counter()
+    while server_alive:
+        try:
+            h1 = health(host, port)
+        except OSError:
+            server_alive = False
+            break
+        if "inflight_bytes" not in h1:  # a server without the in-flight budget
+            break
+        if h1["inflight_bytes"] == 0:
+            released_after_s = time.perf_counter() - t_h
+            break
+        if time.perf_counter() - t_h > 10:
+            break
+        time.sleep(0.2)
+    records = [c.rec for c in clients]
+    deleted = 0
+    for sid in [r["session_id"] for r in records if r.get("session_id")] + monitor.sessions_made:
+        try:
+            st, _, _ = http_request(host, port, "DELETE", f"/session/{sid}", timeout=30)
+            deleted += st == 200
+        except OSError:
+            pass
+    rss_after = proc_status_kib(pid) if pid else None
+
+    summary = summarize_burst(records, monitor.records, rss_before, hwm, sampler.peak if sampler else None,
+                              budget, session_budget, args.burst_kind, server_alive, monitor.idle_s)
+    if monitor.setup_problems:
+        summary["problems"].append(f"session clicker set-up: {'; '.join(monitor.setup_problems)}")
+        summary["failed"] = True
+    print()
+    print(format_burst_report(summary, records))
+    print(f"burst took {burst_s:.2f} s; /health after: inflight_bytes {(h1 or {}).get('inflight_bytes')}"
+          + (f" (0 after {released_after_s:.1f} s)" if released_after_s is not None else "")
+          + f", sessions {(h1 or {}).get('sessions')}; deleted {deleted} sessions; RSS then {fmt_mib(rss_after)}")
+    log_counts, log_bad = (log_levels(server.log_path) if server else (Counter(), []))
+    if server:
+        print(f"server log levels: {dict(log_counts)}")
+        for line in log_bad[:10]:
+            print(f"  {line[:300]}")
+    print(f"server alive at the end: {server_alive}")
+    print("RESULT: " + ("FAIL" if summary["failed"] else "PASS"))
+    if args.json:
+        out = {
+            "mode": "burst",
+            "config": {"burst": n, "burst_kind": args.burst_kind, "burst_mib": args.burst_mib, "gzip": big["gzip"],
+                       "volume": {"name": big["name"], "shape": big["shape"], "bytes": len(big["data"]),
+                                  "raw_bytes": big["raw_bytes"], "click": big["click"]},
+                       "session_memory_bytes": session_budget,
+                       "session_memory_bytes_given": args.session_memory_bytes is not None,
+                       "image": str(args.image), "click": click,
+                       "server_cmd": server.cmd if server else None,
+                       "server_env": server.env_extra if server else None, "url": f"http://{host}:{port}"},
+            "ready_s": ready_s, "burst_s": burst_s, "summary": summary, "clients": records,
+            "session_clicks": monitor.records, "session_clicks_idle_ms": [x * 1000 for x in monitor.idle_s],
+            "rss_kib": {"before": rss_before, "vm_hwm": hwm, "sampled_peak": sampler.peak if sampler else None,
+                        "after_cleanup": rss_after, "samples": sampler.samples if sampler else []},
+            "health": {"before": h0, "after": h1}, "inflight_released_after_s": released_after_s,
+            "sessions_deleted": deleted, "cpu": cpu_model(), "cores": os.cpu_count(),
+            "server_log_levels": dict(log_counts), "server_log_warn_error": log_bad[:50],
+            "server_alive": server_alive, "failed": summary["failed"],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 1 if summary["failed"] else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", type=Path, default=DEFAULT_BINARY)
@@ -796,8 +1443,27 @@ def main(argv=None) -> int:
     ap.add_argument("--smaps", action="store_true", help="summarise /proc/PID/smaps at the end (where RSS lives)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", action="append", default=[], help="KIND=W to change the mix (repeatable)")
+    ap.add_argument("--baseline-n", type=int, default=5,
+                    help="sequential session_create requests timed on the idle server before the load (default 5)")
+    ap.add_argument("--big-mix", action="store_true",
+                    help="add the big uploads to the mix: " + ", ".join(f"{k}={v}" for k, v in BIG_MIX_WEIGHTS.items()))
+    ap.add_argument("--big-mib", type=float, default=200.0,
+                    help="size of the generated big volume for --big-mix, MiB (default 200)")
+    ap.add_argument("--big-gzip", action="store_true", help="send the big volume gzipped (compressed once, level 1)")
+    ap.add_argument("--burst", type=int, metavar="N",
+                    help="burst mode instead of the load: N big uploads at the same moment, one session clicking")
+    ap.add_argument("--burst-mib", type=float, default=900.0, help="size of each burst upload, MiB (default 900)")
+    ap.add_argument("--burst-kind", choices=("session", "click", "mixed"), default="session",
+                    help="burst uploads: PUT /session/, clicks with the volume (params first), or alternating")
+    ap.add_argument("--session-memory-bytes", type=int,
+                    help="server --session-memory-bytes (passed when this script starts the server) and the session "
+                         f"budget the burst report uses (default: the server's, {DEFAULT_SESSION_MEMORY})")
     ap.add_argument("--json", type=Path, help="write all results as JSON here")
     args = ap.parse_args(argv)
+    if args.burst is not None and args.burst < 1:
+        raise SystemExit("--burst needs at least 1 client")
+    if args.burst is not None and args.big_mix:
+        raise SystemExit("--burst runs instead of the load loop; --big-mix does not apply to it")
 
     if args.small:
         args.image = SMALL_CT
@@ -805,6 +1471,8 @@ def main(argv=None) -> int:
     shape = nifti_shape(image)
     click = tuple(int(v) for v in args.click.split(",")) if args.click else default_click(args.image, shape)
     weights = dict(WEIGHTS)
+    if args.big_mix:
+        weights.update(BIG_MIX_WEIGHTS)
     for w in args.weight:
         k, _, v = w.partition("=")
         if k not in weights:
@@ -813,6 +1481,16 @@ def main(argv=None) -> int:
     workers = args.workers or os.cpu_count() or 2
     clients = args.clients or 4 * workers
 
+    # ---- the big volume, generated once and shared by every thread
+    big = None
+    big_mib = args.burst_mib if args.burst is not None else args.big_mib
+    if args.burst is not None or any(weights.get(k, 0) > 0 for k in BIG_KINDS):
+        t0 = time.perf_counter()
+        big = build_big(make_big_volume(big_mib, 1 if args.big_gzip else None))
+        print(f"generated {big['name']} {big['shape']}: {fmt_bytes(len(big['data']))}"
+              + (f" gzipped from {fmt_bytes(big['raw_bytes'])}" if big["gzip"] else "")
+              + f" in {time.perf_counter() - t0:.1f} s", flush=True)
+
     server = None
     if args.url:
         host, port = parse_url(args.url)
@@ -820,6 +1498,8 @@ def main(argv=None) -> int:
         ready_s = None
     else:
         extra = ["--session-expiry", str(args.session_expiry), "--log-format", "json", *args.server_arg]
+        if args.session_memory_bytes is not None:
+            extra += ["--session-memory-bytes", str(args.session_memory_bytes)]
         if args.workers:
             extra += ["--workers", str(args.workers)]
         env = dict(kv.split("=", 1) for kv in args.server_env)
@@ -833,7 +1513,9 @@ def main(argv=None) -> int:
         if server:
             ready_s = server.wait_ready()
             print(f"ready after {ready_s:.2f} s", flush=True)
-        return run_load(args, host, port, pid, server, image, shape, click, weights, workers, clients, ready_s)
+        if args.burst is not None:
+            return run_burst(args, host, port, pid, server, image, click, big, ready_s)
+        return run_load(args, host, port, pid, server, image, shape, click, weights, workers, clients, ready_s, big)
     finally:
         if server:
             server.stop()
@@ -892,17 +1574,26 @@ def run_round(args, cfg, stats, host, port, pid, server, clients, rnd) -> dict:
     return r
 
 
-def run_load(args, host, port, pid, server, image, shape, click, weights, workers, clients, ready_s) -> int:
+def run_load(args, host, port, pid, server, image, shape, click, weights, workers, clients, ready_s, big=None) -> int:
     session_ct, session_body = encode_multipart(files=[("image", args.image.name, image)])
     cfg = {
         "host": host, "port": port, "timeout": args.timeout, "session_expiry": args.session_expiry,
         "image": image, "image_name": args.image.name, "shape": shape, "click": click, "weights": weights,
-        "session_body": session_body, "session_headers": {"Content-Type": session_ct},
+        "session_body": session_body, "session_headers": {"Content-Type": session_ct}, "big": big,
     }
     load_before = os.getloadavg()
     h0 = health(host, port)
     time.sleep(1.0)
     rss_base = proc_status_kib(pid) if pid else None
+    idle_creates, idle_problems = idle_session_creates(host, port, session_body, {"Content-Type": session_ct},
+                                                       args.baseline_n, args.timeout)
+    if args.baseline_n:
+        print(f"session_create on the idle server: p50 {fmt_ms(median([x * 1000 for x in idle_creates]))} ms "
+              f"(n {len(idle_creates)})" + (f"; problems: {idle_problems}" if idle_problems else ""), flush=True)
+    if big is not None and any(weights.get(k, 0) > 0 for k in BIG_KINDS):
+        print(f"big uploads: {big['name']} {big['shape']}, {fmt_bytes(len(big['data']))} sent"
+              + (f" ({fmt_bytes(big['raw_bytes'])} raw)" if big["gzip"] else "") + f", click {list(big['click'])}; "
+              + ", ".join(f"{k} weight {weights.get(k, 0):g}" for k in BIG_KINDS), flush=True)
     print(f"{clients} clients, {args.duration:.0f} s, image {args.image.name} {shape}, click {list(click)}, "
           f"session expiry {args.session_expiry} s; load average before {load_before[0]:.2f}", flush=True)
 
@@ -941,7 +1632,9 @@ def run_load(args, host, port, pid, server, image, shape, click, weights, worker
     status_total = Counter()
     for c in stats.status.values():
         status_total.update(c)
-    n5xx = sum(n for s, n in status_total.items() if s >= 500)
+    n5xx = sum(n for kind, c in stats.status.items() for s, n in c.items()
+               if s >= 500 and s not in EXPECTED.get(kind, ()))
+    n503_expected = sum(c.get(503, 0) for kind, c in stats.status.items() if 503 in EXPECTED.get(kind, ()))
     err_by_cat = Counter()
     for (cat, _, _), n in stats.errors.items():
         err_by_cat[cat] += n
@@ -956,7 +1649,7 @@ def run_load(args, host, port, pid, server, image, shape, click, weights, worker
     print(hdr)
     print("-" * len(hdr))
     report_kinds = {}
-    for kind in WEIGHTS:
+    for kind in [*WEIGHTS, *sorted(k for k in stats.latency if k not in WEIGHTS)]:
         lat = [x * 1000 for x in stats.latency.get(kind, [])]
         st = dict(sorted(stats.status.get(kind, {}).items()))
         report_kinds[kind] = {"n": len(lat), "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95),
@@ -975,7 +1668,12 @@ def run_load(args, host, port, pid, server, image, shape, click, weights, worker
               " / ".join(f"{s} {fmt_ms(median(stages[s]))}" for s in ("decode", "pre", "infer", "post", "write", "total")
                          if s in stages))
     print(f"440 for own sessions that aged out (expected): {stats.expired_440}")
-    print(f"5xx: {n5xx}; connection errors: {err_by_cat['connection_error']}; timeouts: {err_by_cat['timeout']}; "
+    create_cmp, create_line = session_create_comparison(idle_creates, stats.latency.get("session_create", []))
+    print(create_line)
+    if n503_expected:
+        print(f"503 for the big uploads (expected, with Retry-After and the AIAA error JSON unless listed below): "
+              f"{n503_expected}")
+    print(f"unexpected 5xx: {n5xx}; connection errors: {err_by_cat['connection_error']}; timeouts: {err_by_cat['timeout']}; "
           f"dropped connections: {err_by_cat['dropped_connection']} (+{err_by_cat['dropped_reused_conn']} on reused "
           f"keep-alive connections); unexpected statuses/bodies: {len(stats.unexpected)}; "
           f"client bugs: {err_by_cat['client_bug']}")
@@ -1031,6 +1729,12 @@ def run_load(args, host, port, pid, server, image, shape, click, weights, worker
             "rounds": rounds,
             "health": {"before": h0, "end_of_load": h_end, "after_wait": h_swept}, "swept_after_s": swept_after_s,
             "rounds_n": len(rounds),
+            "session_create_unloaded_ms": [x * 1000 for x in idle_creates],
+            "session_create_unloaded_problems": idle_problems, "session_create_vs_unloaded": create_cmp,
+            "big": None if big is None else {"name": big["name"], "shape": big["shape"], "bytes": len(big["data"]),
+                                             "raw_bytes": big["raw_bytes"], "gzip": big["gzip"],
+                                             "click": big["click"], "mib": args.big_mib},
+            "expected_503": n503_expected, "retry_after_missing": stats.retry_after_missing,
             "loadavg": {"before": load_before, "after_load": load_after},
             "cpu": cpu_model(), "cores": os.cpu_count(), "server_alive": server_alive, "final_click_ok": final_ok,
             "server_log_levels": dict(log_counts), "server_log_warn_error": log_bad[:50], "failed": failed,

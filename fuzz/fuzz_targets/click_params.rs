@@ -8,6 +8,7 @@ mod common;
 
 use std::sync::{Arc, OnceLock};
 
+use deepgrow_server::admission::Inline;
 use deepgrow_server::annotate::{annotate, ImageSource};
 use deepgrow_server::api::DeepgrowParams;
 use deepgrow_server::deepgrow::{self, PipelineConfig};
@@ -244,6 +245,7 @@ fuzz_target!(|data: &[u8]| {
             &params.clicks,
             params.output,
             LIMITS,
+            &Inline,
         );
         if trace() {
             eprintln!(

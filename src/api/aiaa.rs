@@ -6,11 +6,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::multipart::{drain, file_reply, multipart_reply, read_upload_request};
+use super::multipart::{drain, file_reply, multipart_reply, UploadForm};
 use super::params::DeepgrowParams;
 use super::SharedState;
+use crate::admission::{off_runtime, ClickTickets};
 use crate::annotate::{annotate, ImageSource};
 use crate::error::ApiError;
+use crate::nifti_io::FileBytes;
 
 #[derive(Debug, Deserialize)]
 pub struct ModelsQuery {
@@ -81,8 +83,21 @@ pub async fn deepgrow(
     Query(query): Query<InferQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    // The body is read before anything can be refused (see `drain`).
-    let upload = read_upload_request(request, state.policy.max_upload_bytes).await?;
+    let mut form = UploadForm::from_request(request, state.policy.max_upload_bytes).await?;
+    let result = click(&state, &query, &mut form).await;
+    if result.is_err() {
+        // The body is read before an error is answered (see `drain`).
+        form.drain().await;
+    }
+    result
+}
+
+async fn click(
+    state: &SharedState,
+    query: &InferQuery,
+    form: &mut UploadForm,
+) -> Result<Response, ApiError> {
+    let image = form.next_image().await?;
     let model = state.model(query.model.as_deref())?;
     if !model.is_deepgrow_2d() {
         return Err(ApiError::WrongModelType(format!(
@@ -91,22 +106,66 @@ pub async fn deepgrow(
         )));
     }
     let kind = reply_kind(query.output.as_deref())?;
-    let params = DeepgrowParams::parse(upload.params.as_deref())?;
-    let source = match (query.session_id.as_deref().filter(|id| !id.is_empty()), upload.file) {
-        (Some(id), _) => ImageSource::Session(
-            state.sessions.volume(id).ok_or_else(|| ApiError::SessionExpired(id.to_owned()))?,
-        ),
-        (None, Some(file)) => ImageSource::Upload(file.bytes),
+    let limits = state.decode_limits;
+    let session_id = query.session_id.as_deref().filter(|id| !id.is_empty());
+    let annotation = match (session_id, image) {
+        (Some(id), image) => {
+            // A session wins over an uploaded file, which is read and dropped.
+            drop(image);
+            form.finish().await?;
+            let params = DeepgrowParams::parse(form.params())?;
+            let volume = state
+                .sessions
+                .volume(id)
+                .ok_or_else(|| ApiError::SessionExpired(id.to_owned()))?;
+            let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
+            off_runtime(move || {
+                let source = ImageSource::Session(volume);
+                annotate(&model, source, &params.clicks, params.output, limits, &tickets)
+            })
+            .await?
+        }
+        // The params came first (as every client sends them): the upload is decoded while it arrives, and
+        // only as far as the clicked slice.
+        (None, Some(part)) if form.params().is_some() => {
+            let params = DeepgrowParams::parse(form.params())?;
+            let decode = state.decode_pool.admit()?;
+            // the reader takes decode workers as the bytes arrive
+            let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
+            let (reader, pump) = part.pipe(decode);
+            let job = off_runtime(move || {
+                let source = ImageSource::Upload(FileBytes::Stream(Box::new(reader)));
+                annotate(&model, source, &params.clicks, params.output, limits, &tickets)
+            });
+            let (pumped, annotation) = tokio::join!(pump, job);
+            // A broken upload explains a failed decode better than the decode does.
+            pumped?;
+            form.finish().await?;
+            annotation?
+        }
+        // The params come after the file: the file is buffered (against the in-flight budget) until they do.
+        (None, Some(part)) => {
+            let mut reservation = state.budget.empty();
+            let bytes = form.buffer(part, &mut reservation).await?;
+            form.finish().await?;
+            let params = DeepgrowParams::parse(form.params())?;
+            let tickets = ClickTickets::new(
+                Some(state.decode_pool.admit()?),
+                state.infer_pool.admit()?,
+            );
+            off_runtime(move || {
+                let _held = reservation;
+                let source = ImageSource::Upload(FileBytes::Memory(&bytes));
+                annotate(&model, source, &params.clicks, params.output, limits, &tickets)
+            })
+            .await?
+        }
         (None, None) => {
             return Err(ApiError::BadRequest(
                 "no image: send the volume as a file part (e.g. 'datapoint') or a session_id query parameter".into(),
             ))
         }
     };
-    let limits = state.decode_limits;
-    let annotation = state
-        .run_cpu(move || annotate(&model, source, &params.clicks, params.output, limits))
-        .await?;
     tracing::info!(
         model = %annotation.params.model,
         slice = annotation.params.slice,

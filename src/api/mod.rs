@@ -14,49 +14,19 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::admission::{Budget, Pool};
 use crate::error::ApiError;
 use crate::models::{Model, Registry};
 use crate::nifti_io::DecodeLimits;
 use crate::sessions::SessionStore;
 
 pub use params::DeepgrowParams;
-
-/// Bounds CPU work: `workers` requests run at once, `queue` more may wait, the rest get 503 at once.
-pub struct Limiter {
-    admission: Arc<Semaphore>,
-    workers: Arc<Semaphore>,
-}
-
-impl Limiter {
-    pub fn new(workers: usize, queue: usize) -> Self {
-        Limiter {
-            admission: Arc::new(Semaphore::new(workers + queue)),
-            workers: Arc::new(Semaphore::new(workers)),
-        }
-    }
-
-    async fn acquire(&self) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
-        let admitted = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::Overloaded)?;
-        let worker = self
-            .workers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ApiError::Internal("worker pool closed".into()))?;
-        Ok((admitted, worker))
-    }
-}
 
 /// Per-request limits and access control of the HTTP layer.
 #[derive(Debug, Clone)]
@@ -75,7 +45,12 @@ pub struct RequestPolicy {
 pub struct AppState {
     pub registry: Registry,
     pub sessions: SessionStore,
-    pub limiter: Limiter,
+    /// Workers for decoding uploads.
+    pub decode_pool: Pool,
+    /// Workers for running the network.
+    pub infer_pool: Pool,
+    /// Bytes all requests may hold in flight.
+    pub budget: Budget,
     pub decode_limits: DecodeLimits,
     pub policy: RequestPolicy,
     pub started: Instant,
@@ -84,27 +59,6 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// Runs CPU-bound work on the blocking pool once a worker permit is free; a panic becomes a logged 500.
-    pub async fn run_cpu<T, F>(&self, work: F) -> Result<T, ApiError>
-    where
-        T: Send + 'static,
-        F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-    {
-        let permits = self.limiter.acquire().await?;
-        let span = tracing::Span::current();
-        let result = tokio::task::spawn_blocking(move || {
-            let _permits = permits;
-            span.in_scope(work)
-        })
-        .await;
-        match result {
-            Ok(result) => result,
-            Err(join_error) => Err(ApiError::Internal(format!(
-                "worker task failed: {join_error}"
-            ))),
-        }
-    }
-
     /// The model a request names; when it names none and exactly one model is served, that one.
     pub fn model(&self, name: Option<&str>) -> Result<Arc<Model>, ApiError> {
         match name.filter(|n| !n.is_empty()) {
@@ -262,6 +216,10 @@ async fn health(State(state): State<SharedState>) -> Json<serde_json::Value> {
         "models": state.registry.models().iter().map(|m| &m.info.name).collect::<Vec<_>>(),
         "sessions": sessions,
         "session_bytes": session_bytes,
+        "inflight_bytes": state.budget.held_bytes(),
+        "inflight_budget_bytes": state.budget.total_bytes(),
+        "decode_admitted": state.decode_pool.admitted(),
+        "infer_admitted": state.infer_pool.admitted(),
         "uptime_s": state.started.elapsed().as_secs(),
     }))
 }

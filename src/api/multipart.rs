@@ -4,40 +4,31 @@
 //! at the first boundary (no preamble), a `params` JSON part without a filename, then exactly one file part
 //! with a quoted filename and an octet-stream type.
 
-use axum::body::Body;
-use axum::extract::multipart::{Multipart, MultipartError};
-use axum::extract::{FromRequest, Request};
+use std::io::Read;
+
+use std::sync::Arc;
+
+use axum::body::{Body, BodyDataStream};
+use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
+use multer::{Constraints, Field, Multipart, SizeLimit};
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::OwnedSemaphorePermit;
 
+use crate::admission::{Reservation, Ticket, SMALL_REQUEST_BYTES};
 use crate::error::ApiError;
 
-/// The parts of an AIAA request: the `params` text and at most one image file.
-#[derive(Debug, Default)]
-pub struct Upload {
-    pub params: Option<String>,
-    pub file: Option<UploadedFile>,
-}
-
-#[derive(Debug)]
-pub struct UploadedFile {
-    /// The client's file name without its directories (clients send full local paths).
-    pub name: String,
-    pub bytes: Bytes,
-}
-
-fn multipart_error(error: MultipartError) -> ApiError {
+fn multipart_error(error: multer::Error) -> ApiError {
     if body_timed_out(&error) {
         return body_timeout_error();
     }
-    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge(format!(
-            "the upload is larger than this server accepts ({}); the limit is set with --max-upload-bytes",
-            error.body_text()
-        ))
-    } else {
-        ApiError::BadRequest(format!("malformed multipart body: {}", error.body_text()))
+    match error {
+        multer::Error::StreamSizeExceeded { limit } => ApiError::PayloadTooLarge(format!(
+            "the upload is larger than this server accepts ({limit} bytes); the limit is set with --max-upload-bytes"
+        )),
+        other => ApiError::BadRequest(format!("malformed multipart body: {other}")),
     }
 }
 
@@ -85,51 +76,278 @@ pub fn content_type(request: &Request) -> String {
         .to_ascii_lowercase()
 }
 
-/// Reads a multipart request's `params` and image; any other body is drained and refused.
-pub async fn read_upload_request(request: Request, limit: usize) -> Result<Upload, ApiError> {
-    let content_type = content_type(&request);
-    if !content_type.starts_with("multipart/form-data") {
-        drain(request.into_body(), limit).await;
-        return Err(ApiError::BadRequest(format!(
-            "expected a multipart/form-data body with 'params' and the image file, got content type '{content_type}'"
-        )));
-    }
-    let multipart = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("expected a multipart/form-data body: {e}")))?;
-    read_upload(multipart).await
+/// Largest text part (`params`) accepted: clicks and options are a few hundred bytes.
+const MAX_TEXT_PART: usize = 1 << 20;
+
+/// Chunks of an upload in flight between the HTTP reader and its decoder.
+const PIPE_CHUNKS: usize = 16;
+
+/// A multipart request read part by part, so that the image part can be decoded while it arrives.
+pub struct UploadForm {
+    multipart: Multipart<'static>,
+    /// The body under the parser, to read what follows the closing boundary (an epilogue) before replying.
+    body: SharedBody,
+    limit: usize,
+    /// The request's Content-Length, when it sent one (what a buffered upload reserves up front).
+    content_length: Option<u64>,
+    params: Option<String>,
+    images: usize,
 }
 
-async fn read_upload(mut multipart: Multipart) -> Result<Upload, ApiError> {
-    let mut upload = Upload::default();
-    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
-        let name = field.name().unwrap_or_default().to_owned();
-        let file_name = field.file_name().map(str::to_owned);
-        if file_name.is_none() && name == "params" {
-            upload.params = Some(field.text().await.map_err(multipart_error)?);
-            continue;
+/// The image part of an upload, as it arrives.
+pub struct ImagePart {
+    /// The client's file name without its directories (clients send full local paths).
+    pub name: String,
+    field: Field<'static>,
+}
+
+impl UploadForm {
+    /// The request's multipart form (bounded to `limit` bytes); any other body is drained and refused.
+    pub async fn from_request(request: Request, limit: usize) -> Result<Self, ApiError> {
+        let content_type = content_type(&request);
+        // the boundary from the header as sent: it is case-sensitive
+        let header_value = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let boundary = match multer::parse_boundary(header_value) {
+            Ok(boundary) if content_type.starts_with("multipart/form-data") => boundary,
+            _ => {
+                drain(request.into_body(), limit).await;
+                return Err(ApiError::BadRequest(format!(
+                    "expected a multipart/form-data body with a boundary, 'params' and the image file, got content type '{content_type}'"
+                )));
+            }
+        };
+        let content_length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let constraints =
+            Constraints::new().size_limit(SizeLimit::new().whole_stream(limit as u64));
+        let body = SharedBody(Arc::new(std::sync::Mutex::new(
+            request.into_body().into_data_stream(),
+        )));
+        let multipart = Multipart::with_constraints(body.clone(), boundary, constraints);
+        Ok(UploadForm {
+            multipart,
+            body,
+            limit,
+            content_length,
+            params: None,
+            images: 0,
+        })
+    }
+
+    /// The `params` text, once its part has been read.
+    pub fn params(&self) -> Option<&str> {
+        self.params.as_deref()
+    }
+
+    /// Reads text parts up to the next image part and returns it, or `None` at the end of the form. Unknown
+    /// text parts (a client's extra options) are skipped. A second image part is refused.
+    pub async fn next_image(&mut self) -> Result<Option<ImagePart>, ApiError> {
+        while let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)? {
+            let name = field.name().unwrap_or_default().to_owned();
+            let file_name = field.file_name().map(str::to_owned);
+            if file_name.is_none() && name == "params" {
+                self.params = Some(read_text(&mut field).await?);
+                continue;
+            }
+            if file_name.is_none() && !is_image_field(&name) {
+                while field.chunk().await.map_err(multipart_error)?.is_some() {}
+                continue;
+            }
+            self.images += 1;
+            if self.images > 1 {
+                return Err(ApiError::BadRequest(format!(
+                    "expected exactly one image file, got a second part '{name}' (multi-file DICOM uploads are not supported; send one NIfTI volume)"
+                )));
+            }
+            let base_name = file_name
+                .as_deref()
+                .and_then(|n| n.rsplit(['/', '\\']).next())
+                .unwrap_or(&name)
+                .to_owned();
+            return Ok(Some(ImagePart {
+                name: base_name,
+                field,
+            }));
         }
-        if file_name.is_none() && !is_image_field(&name) {
-            // Unknown text fields (e.g. a client's extra options) are ignored.
-            continue;
+        Ok(None)
+    }
+
+    /// Reads the rest of the form after an image part: `params` if it comes late, nothing else kept.
+    pub async fn finish(&mut self) -> Result<(), ApiError> {
+        match self.next_image().await? {
+            None => {
+                self.drain_epilogue().await;
+                Ok(())
+            }
+            Some(extra) => {
+                let name = extra.name.clone();
+                drop(extra);
+                Err(ApiError::BadRequest(format!(
+                    "expected exactly one image file, got a second part '{name}'"
+                )))
+            }
         }
-        if upload.file.is_some() {
-            return Err(ApiError::BadRequest(format!(
-                "expected exactly one image file, got a second part '{name}' (multi-file DICOM uploads are not supported; send one NIfTI volume)"
+    }
+
+    /// Reads whatever is left of the body and drops it (see [`drain`]); for replies to refused requests.
+    pub async fn drain(&mut self) {
+        while let Ok(Some(mut field)) = self.multipart.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+        self.drain_epilogue().await;
+    }
+
+    /// Whatever follows the part the parser stopped at (bounded by the upload limit).
+    async fn drain_epilogue(&mut self) {
+        use futures_util::StreamExt;
+        let mut read = 0usize;
+        while let Some(Ok(chunk)) = self.body.next().await {
+            read = read.saturating_add(chunk.len());
+            if read > self.limit {
+                break;
+            }
+        }
+    }
+
+    /// Buffers an image part whole, its bytes held against the in-flight budget (reserved up front from the
+    /// Content-Length when the client sent one, else as they arrive).
+    pub async fn buffer(
+        &self,
+        mut part: ImagePart,
+        reservation: &mut Reservation,
+    ) -> Result<Bytes, ApiError> {
+        let hint = self.content_length.unwrap_or(0);
+        if hint > SMALL_REQUEST_BYTES as u64 {
+            reservation.grow_to(hint).await?;
+        }
+        let mut buffer = BytesMut::with_capacity(reservation.bytes() as usize);
+        while let Some(chunk) = part.field.chunk().await.map_err(multipart_error)? {
+            let needed = buffer.len() + chunk.len();
+            if needed > buffer.capacity() {
+                // doubling, but never past the whole budget while what is needed would still fit it
+                let grown = needed.max((buffer.capacity() * 2).min(reservation.limit() as usize));
+                if grown > SMALL_REQUEST_BYTES {
+                    reservation.grow_to(grown as u64).await?;
+                }
+                buffer.reserve(grown - buffer.len());
+            }
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(buffer.freeze())
+    }
+}
+
+impl ImagePart {
+    /// Hands the part to a blocking reader as it arrives. The returned future forwards the chunks (the reader
+    /// applies back-pressure through a small channel) and, once the reader is dropped, reads the rest of the
+    /// part without keeping it; it ends with the part, or with the body's error.
+    ///
+    /// The reader holds a worker of `ticket`'s pool only while it has bytes to work on: an upload that arrives
+    /// slowly does not keep a decode worker from the others while it waits for the network.
+    pub fn pipe(
+        mut self,
+        ticket: Ticket,
+    ) -> (
+        UploadReader,
+        impl std::future::Future<Output = Result<(), ApiError>> + Send,
+    ) {
+        let (sender, receiver) = mpsc::channel::<Bytes>(PIPE_CHUNKS);
+        let pump = async move {
+            let mut sender = Some(sender);
+            while let Some(chunk) = self.field.chunk().await.map_err(multipart_error)? {
+                if let Some(open) = &sender {
+                    if open.send(chunk).await.is_err() {
+                        sender = None;
+                    }
+                }
+            }
+            Ok(())
+        };
+        (
+            UploadReader {
+                receiver,
+                chunk: Bytes::new(),
+                ticket,
+                worker: None,
+            },
+            pump,
+        )
+    }
+}
+
+/// The blocking side of [`ImagePart::pipe`]: the upload's bytes in order; the end of the part (or of the
+/// body, when it broke off) reads as the end of the file. Call it from a blocking-pool thread.
+pub struct UploadReader {
+    receiver: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+    ticket: Ticket,
+    worker: Option<OwnedSemaphorePermit>,
+}
+
+impl Read for UploadReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.receiver.try_recv() {
+                Ok(chunk) => self.chunk = chunk,
+                Err(TryRecvError::Disconnected) => return Ok(0),
+                Err(TryRecvError::Empty) => {
+                    // waiting for the network: the worker goes back to the pool meanwhile
+                    self.worker = None;
+                    match self.receiver.blocking_recv() {
+                        Some(chunk) => self.chunk = chunk,
+                        None => return Ok(0),
+                    }
+                }
+            }
+        }
+        if self.worker.is_none() {
+            self.worker = Some(self.ticket.worker().map_err(std::io::Error::other)?);
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk.advance(n);
+        Ok(n)
+    }
+}
+
+/// The request body, shared by the multipart parser and the form (which reads what the parser leaves).
+#[derive(Clone)]
+struct SharedBody(Arc<std::sync::Mutex<BodyDataStream>>);
+
+impl futures_util::Stream for SharedBody {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use futures_util::StreamExt;
+        match self.0.lock() {
+            Ok(mut body) => body.poll_next_unpin(cx),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// A text part, bounded.
+async fn read_text(field: &mut Field<'static>) -> Result<String, ApiError> {
+    let mut text = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if text.len() + chunk.len() > MAX_TEXT_PART {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a text part is larger than {MAX_TEXT_PART} bytes"
             )));
         }
-        let bytes = field.bytes().await.map_err(multipart_error)?;
-        let base_name = file_name
-            .as_deref()
-            .and_then(|n| n.rsplit(['/', '\\']).next())
-            .unwrap_or(&name)
-            .to_owned();
-        upload.file = Some(UploadedFile {
-            name: base_name,
-            bytes,
-        });
+        text.extend_from_slice(&chunk);
     }
-    Ok(upload)
+    String::from_utf8(text).map_err(|_| ApiError::BadRequest("a text part is not UTF-8".into()))
 }
 
 /// A random boundary: 32 hex characters, printable and unquoted as every client's parser wants.

@@ -7,10 +7,11 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::multipart::{content_type, drain, read_upload_request};
+use super::multipart::{content_type, drain, UploadForm};
 use super::SharedState;
+use crate::admission::off_runtime;
 use crate::error::ApiError;
-use crate::nifti_io;
+use crate::nifti_io::{self, FileBytes};
 use crate::sessions::SessionError;
 
 #[derive(Debug, Deserialize)]
@@ -46,20 +47,41 @@ pub async fn create(
                 .into(),
         ));
     }
-    // The body is read before anything can be refused (see `drain`).
-    let upload = read_upload_request(request, state.policy.max_upload_bytes).await?;
+    let mut form = UploadForm::from_request(request, state.policy.max_upload_bytes).await?;
+    let result = create_from_form(&state, &query, &mut form).await;
+    if result.is_err() {
+        // The body is read before an error is answered (see `drain`).
+        form.drain().await;
+    }
+    result
+}
+
+/// Decodes the upload while it arrives, into a volume of exactly its image's size held against the in-flight
+/// budget until the session store takes it.
+async fn create_from_form(
+    state: &SharedState,
+    query: &CreateQuery,
+    form: &mut UploadForm,
+) -> Result<Json<Value>, ApiError> {
     let expiry = parse_expiry(query.expiry.as_deref())?;
-    let file = upload.file.ok_or_else(|| {
+    let part = form.next_image().await?.ok_or_else(|| {
         ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())
     })?;
+    let name = part.name.clone();
+    // the reader takes decode workers as the bytes arrive
+    let (reader, pump) = part.pipe(state.decode_pool.admit()?);
     let limits = state.decode_limits;
-    let (volume, name) = state
-        .run_cpu(move || {
-            nifti_io::decode(&file.bytes, limits)
-                .map(|v| (v, file.name))
-                .map_err(ApiError::from)
-        })
-        .await?;
+    let decoder_state = state.clone();
+    let job = off_runtime(move || {
+        let file = nifti_io::open(FileBytes::Stream(Box::new(reader)), limits)?;
+        let held = decoder_state.budget.reserve_blocking(file.volume_bytes())?;
+        Ok((file.read_volume()?, held))
+    });
+    let (pumped, decoded) = tokio::join!(pump, job);
+    // A broken upload explains a failed decode better than the decode does.
+    pumped?;
+    form.finish().await?;
+    let (volume, _held) = decoded?;
     let (id, info) = state
         .sessions
         .create(Arc::new(volume), name, expiry)
