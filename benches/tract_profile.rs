@@ -36,8 +36,8 @@ fn main() -> TractResult<()> {
     };
     let mut onnx = tract_onnx::onnx();
     let mut proto = onnx.proto_model_for_path(&path)?;
-    if let Some(tile) = kernels.winograd_tile() {
-        let report = deepgrow_server::engine::fast::install(&mut onnx, &mut proto, tile)?;
+    if let Some(method) = kernels.conv3x3_method() {
+        let report = deepgrow_server::engine::fast::install(&mut onnx, &mut proto, method)?;
         println!("fast kernels: {report:?}");
     }
     let model = onnx

@@ -358,9 +358,7 @@ impl NiftiFile<'_> {
                     return Err(self.truncated());
                 }
                 if big_endian != cfg!(target_endian = "big") {
-                    values
-                        .iter_mut()
-                        .for_each(|v| *v = <$ty>::byte_swapped(*v));
+                    values.iter_mut().for_each(|v| *v = <$ty>::byte_swapped(*v));
                 }
                 VoxelData::$variant(values)
             }};

@@ -210,7 +210,10 @@ fn the_rewrite_takes_every_layer_of_the_basic_unet() {
             .proto_model_for_path(model_path())
             .unwrap()
     };
-    let report = fast::rewrite(&mut proto, fast::winograd::Tile::F2);
+    let report = fast::rewrite(
+        &mut proto,
+        fast::winograd::Method::Winograd(fast::winograd::Tile::F2),
+    );
     assert_eq!(
         report,
         fast::Report {
@@ -254,7 +257,10 @@ fn the_rewrite_handles_mixed_graphs() {
         use tract_onnx::prelude::Framework;
         tract_onnx::onnx().proto_model_for_path(&path).unwrap()
     };
-    let report = fast::rewrite(&mut proto, fast::winograd::Tile::F2);
+    let report = fast::rewrite(
+        &mut proto,
+        fast::winograd::Method::Winograd(fast::winograd::Tile::F2),
+    );
     assert_eq!(
         report,
         fast::Report {

@@ -17,16 +17,22 @@ pub enum Kernels {
     /// As `fast`, with Winograd F(4 × 4, 3 × 3): fewer multiplies, but float32 errors of a few 1e-4 on the
     /// logits of a trained network (opt-in; see BENCHMARKS.md for its mask agreement).
     FastF4,
+    /// As `fast`, with the 3 × 3 convolutions in bfloat16 (float32 sums) on AMX tiles or AVX-512-BF16 dot
+    /// products, whichever the CPU has (as `fast` on a CPU with neither). Logits within a few 1e-2 of the exact
+    /// model; see BENCHMARKS.md for its masks.
+    FastBf16,
     /// tract's own kernels for every layer (the unmodified graph).
     Tract,
 }
 
 impl Kernels {
-    /// The Winograd tile of the fast kernels, `None` for tract's own.
-    pub fn winograd_tile(self) -> Option<fast::winograd::Tile> {
+    /// How the fast kernels compute 3 × 3 convolutions, `None` for tract's own.
+    pub fn conv3x3_method(self) -> Option<fast::winograd::Method> {
+        use fast::winograd::{Method, Tile};
         match self {
-            Kernels::Fast => Some(fast::winograd::Tile::F2),
-            Kernels::FastF4 => Some(fast::winograd::Tile::F4),
+            Kernels::Fast => Some(Method::Winograd(Tile::F2)),
+            Kernels::FastF4 => Some(Method::Winograd(Tile::F4)),
+            Kernels::FastBf16 => Some(Method::Bf16),
             Kernels::Tract => None,
         }
     }

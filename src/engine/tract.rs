@@ -34,20 +34,22 @@ impl TractEngine {
         };
         let plan = match kernels {
             Kernels::Tract => Self::plan(path, input_size, kernels).map_err(load_error)?,
-            Kernels::Fast | Kernels::FastF4 if !fast::worthwhile() => {
+            Kernels::Fast | Kernels::FastF4 | Kernels::FastBf16 if !fast::worthwhile() => {
                 tracing::info!(
                     "no AVX2 on this CPU: tract's own kernels are faster here than the fast ones"
                 );
                 return Self::load(path, input_size, threads, Kernels::Tract);
             }
-            Kernels::Fast | Kernels::FastF4 => match Self::plan(path, input_size, kernels) {
-                Ok(plan) => plan,
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), error = %format!("{error:#}"),
+            Kernels::Fast | Kernels::FastF4 | Kernels::FastBf16 => {
+                match Self::plan(path, input_size, kernels) {
+                    Ok(plan) => plan,
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), error = %format!("{error:#}"),
                         "the fast kernels cannot run this model; using tract's own");
-                    return Self::load(path, input_size, threads, Kernels::Tract);
+                        return Self::load(path, input_size, threads, Kernels::Tract);
+                    }
                 }
-            },
+            }
         };
         // A private pool: tract's "multithread(1)" would still use rayon's global pool.
         let executor = if threads > 1 {
@@ -66,8 +68,8 @@ impl TractEngine {
     fn plan(path: &Path, [h, w]: [usize; 2], kernels: Kernels) -> TractResult<Plan> {
         let mut onnx = tract_onnx::onnx();
         let mut proto = onnx.proto_model_for_path(path)?;
-        if let Some(tile) = kernels.winograd_tile() {
-            let report = fast::install(&mut onnx, &mut proto, tile)?;
+        if let Some(method) = kernels.conv3x3_method() {
+            let report = fast::install(&mut onnx, &mut proto, method)?;
             tracing::debug!(path = %path.display(), ?report, "graph rewritten onto the fast kernels");
         }
         onnx.model_for_proto_model(&proto)?

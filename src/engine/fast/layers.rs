@@ -2,6 +2,7 @@
 //! convolution), 2 × 2 max pooling, 2 × 2 stride-2 transposed convolution and 1 × 1 convolution. The matrix
 //! products run on [`kernel`]; everything is split over the inference's threads by rows.
 
+use super::bf16::{Bf16Isa, Upsample2x2Bf16};
 use super::kernel::{self, isa_dispatch, Dst, Rows, MR, NR};
 use super::parallel::{Parallel, SyncPtr};
 
@@ -21,7 +22,16 @@ impl NormAct {
     /// the centred values and the mean is subtracted first: from running sums of squares, or folded into one
     /// multiply-add, the variance and the result cancel badly where a channel's mean is large next to its
     /// spread (up to 6e-4 on a trained network's logits).
-    pub fn apply(&self, data: &mut [f32], pixels: usize, means: &[f64], par: &Parallel) {
+    ///
+    /// `variance`, when the convolution computed it along the way, saves the second pass.
+    pub fn apply(
+        &self,
+        data: &mut [f32],
+        pixels: usize,
+        means: &[f64],
+        variance: Option<&[f64]>,
+        par: &Parallel,
+    ) {
         let channels = self.gamma.len();
         assert_eq!(data.len(), pixels * channels);
         // the mean as a float32 pair (hi + lo): x − hi is exact near the mean, so the centring loses nothing
@@ -31,31 +41,34 @@ impl NormAct {
             .zip(&mean)
             .map(|(&m, &hi)| (m - hi as f64) as f32)
             .collect();
-        // a few large ranges per thread: each returns one vector of sums
-        let ranges = (4 * par.threads()).min(pixels.max(1));
-        let range = |b: usize| (b * pixels / ranges)..((b + 1) * pixels / ranges);
-        let partial = par.map_blocks(
-            ranges,
-            || (),
-            |_, b| {
-                let r = range(b);
-                centred_squares(
-                    &data[r.start * channels..r.end * channels],
-                    [&mean, &mean_lo],
-                )
-            },
-        );
-        let mut m2 = vec![0f64; channels];
-        for p in &partial {
-            for (a, b) in m2.iter_mut().zip(p) {
-                *a += b;
+        let var: Vec<f64> = match variance {
+            Some(variance) => variance.to_vec(),
+            None => {
+                // a few large ranges per thread: each returns one vector of sums
+                let ranges = (4 * par.threads()).min(pixels.max(1));
+                let range = |b: usize| (b * pixels / ranges)..((b + 1) * pixels / ranges);
+                let partial = par.map_blocks(
+                    ranges,
+                    || (),
+                    |_, b| {
+                        let r = range(b);
+                        centred_squares(
+                            &data[r.start * channels..r.end * channels],
+                            [&mean, &mean_lo],
+                        )
+                    },
+                );
+                let mut m2 = vec![0f64; channels];
+                for p in &partial {
+                    for (a, b) in m2.iter_mut().zip(p) {
+                        *a += b;
+                    }
+                }
+                m2.iter().map(|s| s / pixels.max(1) as f64).collect()
             }
-        }
+        };
         let scale: Vec<f32> = (0..channels)
-            .map(|c| {
-                let var = m2[c] / pixels.max(1) as f64;
-                (self.gamma[c] as f64 / (var + self.epsilon as f64).sqrt()) as f32
-            })
+            .map(|c| (self.gamma[c] as f64 / (var[c] + self.epsilon as f64).sqrt()) as f32)
             .collect();
         let beta = &self.beta;
         let slope = self.leaky.unwrap_or(1.0);
@@ -249,35 +262,56 @@ impl Dense {
 /// A 2 × 2 transposed convolution with stride 2 (each input pixel writes its own 2 × 2 output block).
 #[derive(Debug)]
 pub struct Upsample2x2 {
+    products: UpsampleProducts,
+}
+
+#[derive(Debug)]
+enum UpsampleProducts {
     /// One product per kernel position (i, j), in the order (0,0), (0,1), (1,0), (1,1).
-    taps: [Dense; 4],
+    F32([Dense; 4]),
+    Bf16(Upsample2x2Bf16),
 }
 
 impl Upsample2x2 {
-    /// `w` is ONNX ConvTranspose's `[c_in][k_out][2][2]` (group 1).
-    pub fn new(w: &[f32], bias: &[f32], c_in: usize, k_out: usize) -> Self {
+    /// `w` is ONNX ConvTranspose's `[c_in][k_out][2][2]` (group 1); in bfloat16 on `bf16`'s hardware when given.
+    pub fn new(w: &[f32], bias: &[f32], c_in: usize, k_out: usize, bf16: Option<Bf16Isa>) -> Self {
         assert_eq!(w.len(), c_in * k_out * 4);
-        let tap = |t: usize| Dense::new(k_out, c_in, |k, c| w[(c * k_out + k) * 4 + t], bias);
-        Upsample2x2 {
-            taps: [tap(0), tap(1), tap(2), tap(3)],
-        }
+        let products = match bf16 {
+            Some(isa) => UpsampleProducts::Bf16(Upsample2x2Bf16::new(isa, w, bias, c_in, k_out)),
+            None => {
+                let tap =
+                    |t: usize| Dense::new(k_out, c_in, |k, c| w[(c * k_out + k) * 4 + t], bias);
+                UpsampleProducts::F32([tap(0), tap(1), tap(2), tap(3)])
+            }
+        };
+        Upsample2x2 { products }
     }
 
     pub fn k_out(&self) -> usize {
-        self.taps[0].k_out
+        match &self.products {
+            UpsampleProducts::F32(taps) => taps[0].k_out,
+            UpsampleProducts::Bf16(up) => up.k_out(),
+        }
     }
 
     pub fn c_in(&self) -> usize {
-        self.taps[0].c_in
+        match &self.products {
+            UpsampleProducts::F32(taps) => taps[0].c_in,
+            UpsampleProducts::Bf16(up) => up.c_in(),
+        }
     }
 
     /// `x` is `h × w × c_in`, `out` is `2h × 2w × k_out`.
     pub fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], par: &Parallel) {
+        let taps = match &self.products {
+            UpsampleProducts::F32(taps) => taps,
+            UpsampleProducts::Bf16(up) => return up.run(x, h, w, out, par),
+        };
         let k = self.k_out();
         assert_eq!(out.len(), 4 * h * w * k);
         let ptr = SyncPtr(out.as_mut_ptr());
         par.for_each(h, |y| {
-            for (t, tap) in self.taps.iter().enumerate() {
+            for (t, tap) in taps.iter().enumerate() {
                 let (i, j) = (t / 2, t % 2);
                 // SAFETY: input row y owns output rows 2y and 2y + 1.
                 unsafe {
@@ -305,7 +339,7 @@ mod tests {
         let x = values(h * w * c, 1);
         let wt = values(c * k * 4, 2);
         let b = values(k, 3);
-        let up = Upsample2x2::new(&wt, &b, c, k);
+        let up = Upsample2x2::new(&wt, &b, c, k, None);
         for threads in [1, 2] {
             let par = Parallel::new(threads);
             let mut out = vec![f32::NAN; 4 * h * w * k];
@@ -363,7 +397,7 @@ mod tests {
             leaky: Some(0.1),
         };
         let orig = x.clone();
-        norm.apply(&mut x, pixels, &means, &Parallel::new(2));
+        norm.apply(&mut x, pixels, &means, None, &Parallel::new(2));
         for ch in 0..c {
             let vals: Vec<f64> = (0..pixels).map(|p| orig[p * c + ch] as f64).collect();
             let mean = vals.iter().sum::<f64>() / pixels as f64;

@@ -7,6 +7,7 @@
 //! `rewrite` and `register` take tract-onnx's protobuf and op registry: they are public for the per-op
 //! profiler (`benches/tract_profile.rs`) and the tests; the server reaches them only through `TractEngine`.
 
+pub mod bf16;
 pub mod kernel;
 pub mod layers;
 mod ops;
@@ -21,14 +22,14 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::TractResult;
 use tract_onnx::Onnx;
 
-/// Rewrites `proto` onto the fast ops (3 × 3 convolutions by Winograd F(`tile`, 3 × 3)) and registers their
-/// parsers in `onnx`; fails when the graph has nothing the fast ops implement.
+/// Rewrites `proto` onto the fast ops (3 × 3 convolutions by `method`) and registers their parsers in `onnx`;
+/// fails when the graph has nothing the fast ops implement.
 pub fn install(
     onnx: &mut Onnx,
     proto: &mut ModelProto,
-    tile: winograd::Tile,
+    method: winograd::Method,
 ) -> TractResult<Report> {
-    let report = rewrite(proto, tile);
+    let report = rewrite(proto, method);
     if report.replaced() == 0 {
         return Err(anyhow::anyhow!("no layer the fast kernels implement"));
     }

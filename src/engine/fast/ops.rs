@@ -11,7 +11,7 @@ use tract_onnx::pb::NodeProto;
 
 use super::layers::{max_pool_2x2, Dense, NormAct, Upsample2x2};
 use super::parallel::Parallel;
-use super::winograd::{Conv3x3, Tile};
+use super::winograd::{Conv3x3, Method, Tile};
 
 pub const CONV3X3: &str = "DeepgrowConv3x3";
 pub const POINTWISE: &str = "DeepgrowConv1x1";
@@ -169,9 +169,9 @@ impl Layer for ConvBlock {
     fn compute(&self, inputs: &[(&[f32], [usize; 3])], out: &mut [f32], par: &Parallel) {
         let [h, w, _] = inputs[0].1;
         let parts: Vec<(&[f32], usize)> = inputs.iter().map(|(data, d)| (*data, d[2])).collect();
-        let means = self.conv.run(&parts, h, w, out, par);
+        let moments = self.conv.run(&parts, h, w, out, par);
         if let Some(norm) = &self.norm {
-            norm.apply(out, h * w, &means, par);
+            norm.apply(out, h * w, &moments.mean, moments.variance.as_deref(), par);
         }
     }
 
@@ -253,7 +253,7 @@ impl Layer for Upsample2x2 {
 #[derive(Debug, Clone)]
 enum FastNode {
     Conv3x3 {
-        tile: Tile,
+        method: Method,
         inputs: usize,
         k_out: usize,
         norm: Option<(f32, Option<f32>)>,
@@ -264,6 +264,7 @@ enum FastNode {
     MaxPool,
     Upsample {
         k_out: usize,
+        bf16: bool,
     },
 }
 
@@ -274,9 +275,13 @@ fn parse(
     let k_out = || -> TractResult<usize> { Ok(node.get_attr::<i64>("k_out")? as usize) };
     let parsed = match node.op_type.as_str() {
         CONV3X3 => FastNode::Conv3x3 {
-            tile: match node.get_attr_opt::<i64>("winograd_m")? {
-                Some(4) => Tile::F4,
-                _ => Tile::F2,
+            method: match (
+                node.get_attr_opt::<i64>("bf16")?,
+                node.get_attr_opt::<i64>("winograd_m")?,
+            ) {
+                (Some(1), _) => Method::Bf16,
+                (_, Some(4)) => Method::Winograd(Tile::F4),
+                _ => Method::Winograd(Tile::F2),
             },
             inputs: node.get_attr::<i64>("inputs")? as usize,
             k_out: k_out()?,
@@ -287,7 +292,10 @@ fn parse(
         },
         POINTWISE => FastNode::Pointwise { k_out: k_out()? },
         MAX_POOL => FastNode::MaxPool,
-        UPSAMPLE => FastNode::Upsample { k_out: k_out()? },
+        UPSAMPLE => FastNode::Upsample {
+            k_out: k_out()?,
+            bf16: node.get_attr_opt::<i64>("bf16")? == Some(1),
+        },
         other => bail!("not a fast node: {other}"),
     };
     Ok((expand(parsed), vec![]))
@@ -310,7 +318,7 @@ impl FastNode {
             ),
             FastNode::Pointwise { k_out } => (1, 2, Some(k_out), Scale::Same),
             FastNode::MaxPool => (1, 0, None, Scale::Half),
-            FastNode::Upsample { k_out } => (1, 2, Some(k_out), Scale::Double),
+            FastNode::Upsample { k_out, .. } => (1, 2, Some(k_out), Scale::Double),
         }
     }
 }
@@ -381,7 +389,10 @@ impl Expansion for FastNode {
         let shape = |i: usize| consts[i].shape().to_vec();
         match *self {
             FastNode::Conv3x3 {
-                tile, k_out, norm, ..
+                method,
+                k_out,
+                norm,
+                ..
             } => {
                 let ws = shape(0);
                 let channels: Vec<usize> = dims.iter().map(|d| d[2]).collect();
@@ -392,7 +403,8 @@ impl Expansion for FastNode {
                         && channels.iter().sum::<usize>() == ws[1],
                     "3x3 conv weights {ws:?} for inputs of {channels:?} channels"
                 );
-                let conv = Conv3x3::new(tile, plain(&consts[0])?, plain(&consts[1])?, k_out, ws[1]);
+                let conv =
+                    Conv3x3::new(method, plain(&consts[0])?, plain(&consts[1])?, k_out, ws[1]);
                 let norm = match norm {
                     Some((epsilon, leaky)) => Some(NormAct {
                         gamma: plain(&consts[2])?.to_vec(),
@@ -422,13 +434,15 @@ impl Expansion for FastNode {
             FastNode::MaxPool => {
                 model.wire_node(prefix, FastOp(Arc::new(MaxPool2x2)), &inputs[..n])
             }
-            FastNode::Upsample { k_out } => {
+            FastNode::Upsample { k_out, bf16 } => {
                 let ws = shape(0);
                 ensure!(
                     ws.len() == 4 && ws[1] == k_out && ws[2..] == [2, 2],
                     "transposed conv weights {ws:?}"
                 );
-                let up = Upsample2x2::new(plain(&consts[0])?, plain(&consts[1])?, ws[0], k_out);
+                let bf16 = bf16.then(super::bf16::hardware).flatten();
+                let up =
+                    Upsample2x2::new(plain(&consts[0])?, plain(&consts[1])?, ws[0], k_out, bf16);
                 model.wire_node(prefix, FastOp(Arc::new(up)), &inputs[..n])
             }
         }

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto};
 
 use super::ops::{CONV3X3, DOMAIN, MAX_POOL, POINTWISE, UPSAMPLE};
-use super::winograd::Tile;
+use super::winograd::Method;
 
 /// What the rewrite did (for the log and the tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -154,14 +154,14 @@ struct Fused {
     attributes: Vec<AttributeProto>,
 }
 
-/// Rewrites `model`'s main graph in place, with 3 × 3 convolutions by Winograd F(`tile`, 3 × 3), and says what
-/// it replaced.
-pub fn rewrite(model: &mut ModelProto, tile: Tile) -> Report {
+/// Rewrites `model`'s main graph in place, with 3 × 3 convolutions computed by `method`, and says what it
+/// replaced.
+pub fn rewrite(model: &mut ModelProto, method: Method) -> Report {
     let Some(graph) = model.graph.as_mut() else {
         return Report::default();
     };
     let mut report = Report::default();
-    let (plans, removed) = plan(graph, tile, &mut report);
+    let (plans, removed) = plan(graph, method, &mut report);
     let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
 
     let mut out = Vec::with_capacity(graph.node.len());
@@ -223,7 +223,7 @@ pub fn rewrite(model: &mut ModelProto, tile: Tile) -> Report {
 /// Decides the replacements: the fused node for each replaced node that comes first, and every node it absorbs.
 fn plan(
     graph: &GraphProto,
-    tile: Tile,
+    method: Method,
     report: &mut Report,
 ) -> (HashMap<usize, Fused>, HashSet<usize>) {
     let g = Graph::new(graph);
@@ -236,9 +236,11 @@ fn plan(
             continue;
         }
         let fused = match node.op_type.as_str() {
-            "Conv" => conv(&g, i, node, tile, &mut removed, report),
+            "Conv" => conv(&g, i, node, method, &mut removed, report),
             "MaxPool" if fast_tensors.contains(&node.input[0]) => max_pool(node, report),
-            "ConvTranspose" if fast_tensors.contains(&node.input[0]) => upsample(&g, node, report),
+            "ConvTranspose" if fast_tensors.contains(&node.input[0]) => {
+                upsample(&g, node, method, report)
+            }
             _ => None,
         };
         if let Some(f) = fused {
@@ -253,7 +255,7 @@ fn conv(
     g: &Graph,
     i: usize,
     node: &NodeProto,
-    tile: Tile,
+    method: Method,
     removed: &mut HashSet<usize>,
     report: &mut Report,
 ) -> Option<Fused> {
@@ -311,8 +313,11 @@ fn conv(
     let mut attributes = vec![
         int_attr("inputs", inputs.len() as i64),
         int_attr("k_out", k_out),
-        int_attr("winograd_m", tile.m() as i64),
     ];
+    attributes.push(match method {
+        Method::Winograd(tile) => int_attr("winograd_m", tile.m() as i64),
+        Method::Bf16 => int_attr("bf16", 1),
+    });
     // an InstanceNormalization (with constant scale and bias) only this convolution feeds, and its LeakyRelu
     if let Some(n) = g.sole_reader(&output) {
         let norm = &g.nodes[n];
@@ -375,7 +380,7 @@ fn max_pool(node: &NodeProto, report: &mut Report) -> Option<Fused> {
     })
 }
 
-fn upsample(g: &Graph, node: &NodeProto, report: &mut Report) -> Option<Fused> {
+fn upsample(g: &Graph, node: &NodeProto, method: Method, report: &mut Report) -> Option<Fused> {
     let (weights, dims) = g.constant(node.input.get(1)?)?;
     let bias = g.constant(node.input.get(2).filter(|s| !s.is_empty())?)?.0;
     let plain = node.output.len() == 1
@@ -396,7 +401,10 @@ fn upsample(g: &Graph, node: &NodeProto, report: &mut Report) -> Option<Fused> {
             constants: vec![weights, bias],
             output: node.output[0].clone(),
             op_type: UPSAMPLE,
-            attributes: vec![int_attr("k_out", dims[1])],
+            attributes: vec![
+                int_attr("k_out", dims[1]),
+                int_attr("bf16", (method == Method::Bf16) as i64),
+            ],
         }
     })
 }

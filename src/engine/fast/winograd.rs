@@ -11,6 +11,7 @@
 //! is a few times less exact, hence opt-in. A convolution with few input channels (the first layer) is computed
 //! directly instead.
 
+use super::bf16::{self, DirectBf16};
 use super::kernel::{self, isa_dispatch, Dst, Rows, MR, NR};
 use super::layers::Dense;
 use super::parallel::{Parallel, SyncPtr};
@@ -35,6 +36,16 @@ const G2: [[f64; 3]; 4] = [
     [0.5, -0.5, 0.5],
     [0.0, 0.0, 1.0],
 ];
+
+/// How a 3 × 3 convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// In float32, by Winograd F(m × m, 3 × 3).
+    Winograd(Tile),
+    /// In bfloat16 with float32 sums, directly, on AMX or AVX-512-BF16 ([`bf16`]); Winograd F(2 × 2, 3 × 3)
+    /// where the CPU has neither.
+    Bf16,
+}
 
 /// Output tile size m of F(m × m, 3 × 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,6 +78,8 @@ enum Algorithm {
     /// transforms would cost more than the products they save.
     Direct(Dense),
     Winograd(Winograd),
+    /// bfloat16 products on AMX or AVX-512-BF16.
+    DirectBf16(DirectBf16),
 }
 
 /// A 3 × 3 convolution's weights in the Winograd domain, packed for [`kernel`]:
@@ -84,7 +97,7 @@ struct Winograd {
 
 /// Per-channel sums of one part of a convolution's output, for the instance norm's mean: sums of `x − shift`,
 /// with `shift` the part's first pixel, so that the float32 partial sums work at the channel's own level.
-struct ChannelSums {
+pub(super) struct ChannelSums {
     pixels: usize,
     shift: Vec<f32>,
     sum: Vec<f64>,
@@ -99,8 +112,29 @@ impl ChannelSums {
         }
     }
 
+    /// The sums of NHWC `pixels` (`k` channels each): float32 over 16 pixels at a time (vectorised),
+    /// accumulated in f64.
+    pub(super) fn of_pixels(pixels: &[f32], k: usize) -> Self {
+        let mut sums = ChannelSums::new(k);
+        sums.pixels = pixels.len() / k;
+        sums.shift.copy_from_slice(&pixels[..k]);
+        let mut s = vec![0f32; k];
+        for group in pixels.chunks(16 * k) {
+            s.fill(0.0);
+            for px in group.chunks_exact(k) {
+                for ((a, &v), &sh) in s.iter_mut().zip(px).zip(&sums.shift) {
+                    *a += v - sh;
+                }
+            }
+            for (total, &part) in sums.sum.iter_mut().zip(&s) {
+                *total += part as f64;
+            }
+        }
+        sums
+    }
+
     /// The mean per channel of all the parts together.
-    fn mean(parts: &[ChannelSums], channels: usize) -> Vec<f64> {
+    pub(super) fn mean(parts: &[ChannelSums], channels: usize) -> Vec<f64> {
         let n: usize = parts.iter().map(|p| p.pixels).sum();
         let mut mean = vec![0f64; channels];
         for p in parts {
@@ -115,15 +149,24 @@ impl ChannelSums {
 
 impl Conv3x3 {
     /// `weights` is ONNX's `[k_out][c_in][3][3]`, `bias` has `k_out` values.
-    pub fn new(tile: Tile, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
+    pub fn new(method: Method, weights: &[f32], bias: &[f32], k_out: usize, c_in: usize) -> Self {
         assert_eq!(weights.len(), k_out * c_in * 9);
         assert_eq!(bias.len(), k_out);
-        let algorithm = if c_in * 9 <= DIRECT_MAX_DEPTH {
-            // patch element j = (tap, c) with tap = 3·dy + dx
-            let weight = |k: usize, j: usize| weights[(k * c_in + j % c_in) * 9 + j / c_in];
-            Algorithm::Direct(Dense::new(k_out, 9 * c_in, weight, bias))
-        } else {
-            Algorithm::Winograd(Winograd::new(tile, weights, bias, k_out, c_in))
+        let algorithm = match (method, bf16::hardware()) {
+            (Method::Bf16, Some(isa)) => {
+                Algorithm::DirectBf16(DirectBf16::new(isa, weights, bias, k_out, c_in))
+            }
+            _ if c_in * 9 <= DIRECT_MAX_DEPTH => {
+                // patch element j = (tap, c) with tap = 3·dy + dx
+                let weight = |k: usize, j: usize| weights[(k * c_in + j % c_in) * 9 + j / c_in];
+                Algorithm::Direct(Dense::new(k_out, 9 * c_in, weight, bias))
+            }
+            (Method::Winograd(tile), _) => {
+                Algorithm::Winograd(Winograd::new(tile, weights, bias, k_out, c_in))
+            }
+            (Method::Bf16, None) => {
+                Algorithm::Winograd(Winograd::new(Tile::F2, weights, bias, k_out, c_in))
+            }
         };
         Conv3x3 { algorithm }
     }
@@ -132,6 +175,7 @@ impl Conv3x3 {
         match &self.algorithm {
             Algorithm::Direct(product) => product.k_out(),
             Algorithm::Winograd(wg) => wg.k_out,
+            Algorithm::DirectBf16(conv) => conv.k_out(),
         }
     }
 
@@ -139,6 +183,7 @@ impl Conv3x3 {
         match &self.algorithm {
             Algorithm::Direct(product) => product.c_in() / 9,
             Algorithm::Winograd(wg) => wg.c_in,
+            Algorithm::DirectBf16(conv) => conv.c_in(),
         }
     }
 
@@ -147,11 +192,13 @@ impl Conv3x3 {
         match &self.algorithm {
             Algorithm::Direct(_) => "direct".into(),
             Algorithm::Winograd(wg) => format!("Winograd F({m}x{m}, 3x3)", m = wg.tile.m()),
+            Algorithm::DirectBf16(conv) => format!("direct bfloat16 ({:?})", conv.isa()),
         }
     }
 
     /// Convolves the channel-concatenation of `inputs` (each NHWC `h × w × channels`) into `out`
-    /// (NHWC `h × w × k_out`), bias included, and returns the per-channel means of `out`.
+    /// (NHWC `h × w × k_out`), bias included, and returns the per-channel means of `out`, and its variances
+    /// where they come at no extra pass (bfloat16: float32 sums of shifted squares, exact enough there).
     pub fn run(
         &self,
         inputs: &[(&[f32], usize)],
@@ -159,7 +206,7 @@ impl Conv3x3 {
         w: usize,
         out: &mut [f32],
         par: &Parallel,
-    ) -> Vec<f64> {
+    ) -> Moments {
         assert_eq!(inputs.iter().map(|i| i.1).sum::<usize>(), self.c_in());
         for (data, c) in inputs {
             assert_eq!(data.len(), h * w * c);
@@ -168,9 +215,26 @@ impl Conv3x3 {
         let partials = match &self.algorithm {
             Algorithm::Direct(product) => run_direct(product, inputs, h, w, out, par),
             Algorithm::Winograd(wg) => wg.run(inputs, h, w, out, par),
+            Algorithm::DirectBf16(conv) => {
+                let (mean, variance) = conv.run(inputs, h, w, out, par);
+                return Moments {
+                    mean,
+                    variance: Some(variance),
+                };
+            }
         };
-        ChannelSums::mean(&partials, self.k_out())
+        Moments {
+            mean: ChannelSums::mean(&partials, self.k_out()),
+            variance: None,
+        }
     }
+}
+
+/// Per-channel statistics of a convolution's output, for the instance norm that follows it.
+pub struct Moments {
+    pub mean: Vec<f64>,
+    /// When the convolution had them at hand; else the norm computes them from the centred values.
+    pub variance: Option<Vec<f64>>,
 }
 
 /// Direct convolution, one output row per block: the row's 3 × 3 × c_in patches, then their product with the
@@ -216,23 +280,7 @@ fn run_direct(
                 product.rows(patches, 0, w, out_ptr.get().add(y * w * k), k);
                 std::slice::from_raw_parts(out_ptr.get().add(y * w * k), w * k)
             };
-            let mut sums = ChannelSums::new(k);
-            sums.pixels = w;
-            sums.shift.copy_from_slice(&out_row[..k]);
-            // float32 sums over 16 pixels at a time (vectorised), accumulated in f64
-            let mut s = vec![0f32; k];
-            for group in out_row.chunks(16 * k) {
-                s.fill(0.0);
-                for px in group.chunks_exact(k) {
-                    for ((a, &v), &sh) in s.iter_mut().zip(px).zip(&sums.shift) {
-                        *a += v - sh;
-                    }
-                }
-                for (total, &part) in sums.sum.iter_mut().zip(&s) {
-                    *total += part as f64;
-                }
-            }
-            sums
+            ChannelSums::of_pixels(out_row, k)
         },
     )
 }
@@ -770,9 +818,9 @@ mod tests {
         for threads in [1, 2] {
             let par = Parallel::new(threads);
             for tile in [Tile::F2, Tile::F4] {
-                let conv = Conv3x3::new(tile, &wt, &bias, k, c1 + c2);
+                let conv = Conv3x3::new(Method::Winograd(tile), &wt, &bias, k, c1 + c2);
                 let mut out = vec![f32::NAN; h * w * k];
-                let means = conv.run(&[(&a, c1), (&b, c2)], h, w, &mut out, &par);
+                let means = conv.run(&[(&a, c1), (&b, c2)], h, w, &mut out, &par).mean;
                 let what = format!(
                     "{} ({c1} + {c2} channels), {threads} threads",
                     conv.algorithm()
