@@ -63,9 +63,11 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_INFERENCE_THREADS")]
     pub inference_threads: Option<usize>,
 
-    /// Kernels for the network: `fast` (Winograd F(2x2, 3x3) convolutions and fused layers on top of tract),
-    /// `fast-f4` (Winograd F(4x4, 3x3): faster, less exact) or `tract` (tract's own, the unmodified graph).
-    #[arg(long, env = "DEEPGROW_KERNELS", value_enum, default_value_t = Kernels::Fast)]
+    /// Kernels for the network: `auto` (the default: `fast-bf16` on a CPU with AMX, else `fast`), `fast`
+    /// (Winograd F(2x2, 3x3) convolutions and fused layers on top of tract, float32), `fast-bf16` (bfloat16
+    /// products with float32 sums, on AMX or AVX-512-BF16), `fast-f4` (Winograd F(4x4, 3x3): faster, less
+    /// exact) or `tract` (tract's own, the unmodified graph).
+    #[arg(long, env = "DEEPGROW_KERNELS", value_enum, default_value_t = Kernels::Auto)]
     pub kernels: Kernels,
 
     /// Largest accepted request body in bytes (uploads are whole CT volumes).

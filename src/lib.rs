@@ -53,6 +53,7 @@ pub fn load_models(config: &Config) -> anyhow::Result<Registry> {
         tracing::info!(
             path = %path.display(),
             kernels = ?engine.kernels(),
+            bf16 = ?engine::fast::bf16::hardware(),
             load_ms = loaded.as_millis() as u64,
             warmup_ms = (start.elapsed() - loaded).as_millis() as u64,
             "model optimised and warmed up"

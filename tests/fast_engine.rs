@@ -177,6 +177,36 @@ fn opt_in_f4_kernels_give_the_same_masks() {
     );
 }
 
+/// The bfloat16 kernels on the real abdominal CT inputs (model_parity.rs holds them to the exact model on every
+/// golden input): their masks agree with the float32 fast kernels (themselves within 1e-4 of the exact
+/// model) at Dice ≥ 0.995, and differ only where |logit| is within the bf16 bound, on 1 and 2 threads.
+#[test]
+fn bf16_kernels_give_the_masks_of_the_float32_ones_on_real_ct() {
+    if fast::bf16::hardware().is_none() {
+        eprintln!("skipped: this CPU has neither AMX nor AVX-512-BF16");
+        return;
+    }
+    let fast = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Fast).unwrap();
+    for threads in [1, 2] {
+        let bf16 =
+            TractEngine::load(&model_path(), [512, 512], threads, Kernels::FastBf16).unwrap();
+        assert_eq!(bf16.kernels(), Kernels::FastBf16);
+        for (n, input) in ct_inputs().into_iter().enumerate() {
+            let want = fast.infer(input.clone()).unwrap();
+            let got = bf16.infer(input).unwrap();
+            let what = format!("CT input {n}, bf16 on {threads} thread(s)");
+            compare(&want, &got, &what, 0.25);
+            let d = dice(&want, &got);
+            eprintln!("{what}: mask Dice {d:.5}");
+            assert!(
+                want.iter().filter(|v| **v >= 0.0).count() >= 1000,
+                "{what}: no organ"
+            );
+            assert!(d >= 0.995, "{what}: mask Dice {d}");
+        }
+    }
+}
+
 #[test]
 fn fast_kernels_match_tract_at_256_and_on_one_thread() {
     let tract = TractEngine::load(&model_path(), [256, 256], 1, Kernels::Tract).unwrap();

@@ -291,8 +291,9 @@ fn concurrent_uploads_far_above_the_budget_stay_within_it_and_all_get_a_status()
         SESSIONS / MIB
     );
     assert!(statuses.contains(&200), "{statuses:?}");
-    // The margin: the upload pipes, the mask replies, allocator slack.
-    let margin = 96 * MIB;
+    // The margin: the upload pipes, the clicks' 20 MiB mask replies, allocator slack (measured 30-90 MiB over
+    // budget + sessions; without the budget, 12 decodes of 40 MiB at once would put it near 500 MiB).
+    let margin = 128 * MIB;
     assert!(
         rise < BUDGET + SESSIONS + margin,
         "peak RSS rose {} MiB, over the budget {} + sessions {} + margin {} MiB",

@@ -107,3 +107,132 @@ fn tract_kernels_match_onnxruntime() {
     assert!(diff <= 2e-3, "tract vs onnxruntime: max |diff| {diff}");
     check_summary(&got, 2e-3);
 }
+
+// ------------------------------------------------------------------------------------------------ bfloat16
+
+/// The stated bound for the bfloat16 kernels: max |logit − float64 logit| on every golden network input, and
+/// the largest |logit| at which a mask pixel may differ from the exact model's (measured at most 0.081 on the
+/// Xeon's AMX and AVX-512-BF16 paths; BENCHMARKS.md).
+const BF16_LOGIT_BOUND: f32 = 0.25;
+/// The bound on mask agreement with the exact model.
+const BF16_MIN_DICE: f64 = 0.995;
+
+/// The float64 references of one golden case: the mask at full resolution, and the logits at every 4th row and
+/// column (tests/fixtures/model_reference/golden_f64, written by `tools/check_model.py
+/// --write-golden-references`).
+struct Golden {
+    mask: Vec<bool>,
+    logits_stride4: Vec<f32>,
+}
+
+fn golden_reference(case: &str, pixels: usize) -> Golden {
+    let dir = fixture_dir().join("golden_f64");
+    let bits = common::gunzip(&std::fs::read(dir.join(format!("{case}.mask.bits.gz"))).unwrap());
+    let mask = (0..pixels)
+        .map(|n| (bits[n / 8] >> (n % 8)) & 1 == 1)
+        .collect();
+    Golden {
+        mask,
+        logits_stride4: std::fs::read(dir.join(format!("{case}.logits_stride4.f32")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    }
+}
+
+fn golden_cases() -> Vec<String> {
+    let mut cases: Vec<String> = std::fs::read_dir(common::manifest_path("tests/fixtures/golden"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("network_input.f32.gz").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    cases.sort();
+    cases
+}
+
+/// What the re-run below sets, so that the child runs the checks without spawning again.
+const CHILD: &str = "DEEPGROW_PARITY_CHILD";
+
+#[test]
+fn bf16_kernels_keep_the_exact_models_masks_on_every_golden_input() {
+    use deepgrow_server::engine::fast::bf16::{self, Bf16Isa};
+    let Some(isa) = bf16::hardware() else {
+        eprintln!("skipped: this CPU has neither AMX nor AVX-512-BF16");
+        return;
+    };
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/deepgrow_2d/model.onnx");
+    let cases = golden_cases();
+    assert_eq!(cases.len(), 16, "golden cases");
+    let mut engines: std::collections::HashMap<(usize, usize), TractEngine> = Default::default();
+    let mut worst = (0f32, 1f64);
+    for case in &cases {
+        let input = common::golden_network_input(case);
+        let (h, w) = (input.shape()[2], input.shape()[3]);
+        let engine = engines.entry((h, w)).or_insert_with(|| {
+            let engine = TractEngine::load(&model, [h, w], 2, Kernels::FastBf16).unwrap();
+            assert_eq!(engine.kernels(), Kernels::FastBf16);
+            engine
+        });
+        let logits = engine.infer(input).unwrap();
+        let reference = golden_reference(case, h * w);
+        let diff = max_diff_stride4(&logits, &reference.logits_stride4);
+        let (mut both, mut ours, mut theirs) = (0usize, 0usize, 0usize);
+        for (&l, &r) in logits.iter().zip(&reference.mask) {
+            let m = l >= 0.0;
+            both += (m && r) as usize;
+            ours += m as usize;
+            theirs += r as usize;
+            // a pixel may flip only where the logit is within the bound of the threshold
+            assert!(
+                m == r || l.abs() <= BF16_LOGIT_BOUND,
+                "{case}: mask flips at logit {l}"
+            );
+        }
+        let dice = 2.0 * both as f64 / (ours + theirs).max(1) as f64;
+        eprintln!("{isa:?} {case} ({h} x {w}): max |logit − float64| {diff:.3e}, mask Dice {dice:.5} ({theirs} px)");
+        assert!(
+            diff <= BF16_LOGIT_BOUND,
+            "{case}: max |logit − float64| {diff}"
+        );
+        assert!(dice >= BF16_MIN_DICE, "{case}: Dice {dice}");
+        worst = (worst.0.max(diff), worst.1.min(dice));
+    }
+    eprintln!(
+        "{isa:?}: worst max |logit − float64| {:.3e}, worst Dice {:.5}",
+        worst.0, worst.1
+    );
+    // The AVX-512-BF16 path too, where the CPU has AMX as well: the ISA is chosen once per process, so the
+    // check runs again in a child with AMX switched off.
+    if isa == Bf16Isa::Amx
+        && std::env::var_os(CHILD).is_none()
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+    {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "bf16_kernels_keep_the_exact_models_masks_on_every_golden_input",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env("DEEPGROW_FAST_ISA", "avx512bf16")
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the AVX-512-BF16 path failed the same checks"
+        );
+    }
+}
+
+/// Max |logits − reference| over the reference's positions (every 4th row and column of any size).
+fn max_diff_stride4(logits: &Array2<f32>, reference: &[f32]) -> f32 {
+    let cols = logits.ncols().div_ceil(4);
+    assert_eq!(reference.len(), logits.nrows().div_ceil(4) * cols);
+    reference
+        .iter()
+        .enumerate()
+        .map(|(n, want)| (logits[[4 * (n / cols), 4 * (n % cols)]] - want).abs())
+        .fold(0f32, f32::max)
+}

@@ -8,11 +8,17 @@
     tools/.venv/bin/python tools/check_model.py                    # checks models/deepgrow_2d/model.onnx
     tools/.venv/bin/python tools/check_model.py --write-fixture    # also rewrites tests/fixtures/model_reference/
     tools/.venv/bin/python tools/check_model.py --model DIR/model.onnx --seed 0   # also: weights == seeded init?
+    tools/.venv/bin/python tools/check_model.py --write-golden-references   # also rewrites .../model_reference/golden_f64/
+
+`--write-golden-references` runs the model in PyTorch float64 on the network input of every golden case
+(tests/fixtures/golden/*/network_input.f32.gz) and stores the exact mask (bit-packed) and every 4th logit.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gzip
 import json
 import sys
 import warnings
@@ -164,6 +170,100 @@ def write_fixture(report: dict, out_dir: Path) -> None:
     (out_dir / "summary.json").write_text(dm.dumps_json(summary))
 
 
+GOLDEN_DIR = dm.REPO_ROOT / "tests" / "fixtures" / "golden"
+GOLDEN_F64_DIR = dm.FIXTURE_DIR / "golden_f64"
+GOLDEN_COMMAND = "tools/.venv/bin/python tools/check_model.py --write-golden-references"
+NEAR_THRESHOLDS = (0.05, 0.2)
+
+
+def pack_mask_bits(mask: np.ndarray) -> bytes:
+    """A boolean (H, W) mask, row-major, bit-packed LSB-first: bit n is (byte[n // 8] >> (n % 8)) & 1, pixel
+    n = row * W + col; the last byte is zero-padded. ceil(H * W / 8) bytes."""
+    flat = np.ascontiguousarray(mask, dtype=bool).ravel()
+    return np.packbits(flat, bitorder="little").tobytes()
+
+
+def unpack_mask_bits(data: bytes, h: int, w: int) -> np.ndarray:
+    """Inverse of pack_mask_bits: the boolean (h, w) mask (fails unless the length is ceil(h * w / 8))."""
+    if len(data) != (h * w + 7) // 8:
+        raise ValueError(f"{len(data)} bytes for a {h} x {w} mask, expected {(h * w + 7) // 8}")
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=h * w, bitorder="little").astype(bool).reshape(h, w)
+
+
+def stride_f32(y: np.ndarray, stride: int = STRIDE) -> bytes:
+    """y[::stride, ::stride] of a (H, W) array ((H+stride-1)//stride x (W+stride-1)//stride), rounded to float32,
+    raw little-endian, row-major."""
+    return np.ascontiguousarray(np.asarray(y)[::stride, ::stride]).astype("<f4").tobytes()
+
+
+def golden_cases(golden_dir: Path = GOLDEN_DIR) -> list:
+    """(name, network input (1, 3, h, w) float32) for every golden case folder, sorted by name."""
+    out = []
+    for case_json in sorted(Path(golden_dir).glob("*/case.json")):
+        shape = json.loads(case_json.read_text())["files"]["network_input.f32.gz"]
+        raw = gzip.decompress((case_json.parent / "network_input.f32.gz").read_bytes())
+        x = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+        out.append((case_json.parent.name, x))
+    return out
+
+
+def golden_reference(net64: torch.nn.Module, net32: torch.nn.Module, x: np.ndarray) -> tuple:
+    """(float64 logits (H, W), summary row) of one network input: net64 in float64, net32 for the f32 diff."""
+    with torch.no_grad():
+        y64 = net64(torch.from_numpy(x).double())[0, 0].numpy()
+        y32 = net32(torch.from_numpy(x))[0, 0].numpy()
+    a = np.abs(y64)
+    mask = y64 >= 0
+    row = {
+        "shape": list(y64.shape),
+        "mask_px": int(mask.sum()),
+        "max_abs_logit": float(a.max()),
+        "min_abs_logit": float(a.min()),
+        **{f"px_abs_logit_lt_{t}": int((a < t).sum()) for t in NEAR_THRESHOLDS},
+        "torch_f32_vs_f64_max_abs_diff": float(np.abs(y32.astype(np.float64) - y64).max()),
+        "torch_f32_mask_px_differing": int(((y32 >= 0) != mask).sum()),
+    }
+    return y64, row
+
+
+def write_golden_references(net: torch.nn.Module, model_sha256: str, out_dir: Path = GOLDEN_F64_DIR,
+                            golden_dir: Path = GOLDEN_DIR, command: str = GOLDEN_COMMAND) -> dict:
+    """For every golden case: <case>.mask.bits.gz and <case>.logits_stride4.f32 from PyTorch float64, and one
+    summary.json. Returns the summary."""
+    import monai
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net32 = net.float().eval()
+    net64 = copy.deepcopy(net32).double().eval()
+    cases = {}
+    for name, x in golden_cases(golden_dir):
+        y64, row = golden_reference(net64, net32, x)
+        (out_dir / f"{name}.mask.bits.gz").write_bytes(gzip.compress(pack_mask_bits(y64 >= 0), mtime=0))
+        (out_dir / f"{name}.logits_stride4.f32").write_bytes(stride_f32(y64))
+        cases[name] = row
+        print(f"  {name}: {row}", flush=True)
+    summary = {
+        "what": "PyTorch float64 (MONAI BasicUNet with the model.onnx weights, .double()) on each golden case's "
+                "network_input.f32.gz (float32, promoted to float64)",
+        "mask_file": "<case>.mask.bits.gz: gzip of the mask logits >= 0, H x W row-major, bit-packed LSB-first "
+                     "(pixel n = row * W + col is (byte[n // 8] >> (n % 8)) & 1; the last byte zero-padded)",
+        "logits_file": "<case>.logits_stride4.f32: float64 logits[::4, ::4] (ceil(H/4) x ceil(W/4)) rounded to "
+                       "float32, raw little-endian, row-major",
+        "near_threshold": "px_abs_logit_lt_T: pixels with |float64 logit| < T; min_abs_logit: the closest one",
+        "f32_diff": "torch_f32_vs_f64_max_abs_diff: max |PyTorch float32 - float64| over all H x W logits; "
+                    "torch_f32_mask_px_differing: pixels where the float32 mask (logit >= 0) differs",
+        "model_sha256": model_sha256,
+        "torch_version": torch.__version__,
+        "monai_version": monai.__version__,
+        "numpy_version": np.__version__,
+        "command": command,
+        "cases": cases,
+    }
+    (out_dir / "summary.json").write_text(dm.dumps_json(summary))
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=dm.MODEL_DIR / "model.onnx")
@@ -178,6 +278,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-fixture", action="store_true", help="rewrite tests/fixtures/model_reference/")
     ap.add_argument("--fixture-dir", type=Path, default=dm.FIXTURE_DIR)
+    ap.add_argument("--write-golden-references", action="store_true",
+                    help="rewrite tests/fixtures/model_reference/golden_f64/ (float64 mask + stride-4 logits per golden case)")
+    ap.add_argument("--golden-dir", type=Path, default=GOLDEN_DIR)
+    ap.add_argument("--golden-out-dir", type=Path, default=GOLDEN_F64_DIR)
     args = ap.parse_args(argv)
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -192,6 +296,10 @@ def main(argv=None) -> int:
         write_fixture(rep, args.fixture_dir)
         print(f"wrote {args.fixture_dir}/logits_stride4.f32, logits_f64_stride4.f32, ct_logits_f64_stride4.f32 "
               "and summary.json")
+    if args.write_golden_references:
+        cmd = "tools/.venv/bin/python tools/check_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_golden_references(rep["_net"], rep["model_sha256"], args.golden_out_dir, args.golden_dir, cmd)
+        print(f"wrote {args.golden_out_dir}/*.mask.bits.gz, *.logits_stride4.f32 and summary.json")
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -127,9 +127,7 @@ impl UploadForm {
             .and_then(|v| v.parse().ok());
         let constraints =
             Constraints::new().size_limit(SizeLimit::new().whole_stream(limit as u64));
-        let body = SharedBody(Arc::new(std::sync::Mutex::new(
-            request.into_body().into_data_stream(),
-        )));
+        let body = SharedBody::new(request.into_body().into_data_stream());
         let multipart = Multipart::with_constraints(body.clone(), boundary, constraints);
         Ok(UploadForm {
             multipart,
@@ -318,8 +316,27 @@ impl Read for UploadReader {
 }
 
 /// The request body, shared by the multipart parser and the form (which reads what the parser leaves).
+///
+/// It hands out one chunk per poll: multer's buffer pulls every chunk that is ready before it parses, and a
+/// fast client on loopback keeps chunks ready for as long as it sends, so without the pause a 900 MB upload
+/// could pile up in that buffer (hundreds of MB were measured) instead of flowing through.
 #[derive(Clone)]
-struct SharedBody(Arc<std::sync::Mutex<BodyDataStream>>);
+struct SharedBody(Arc<std::sync::Mutex<SharedState>>);
+
+struct SharedState {
+    body: BodyDataStream,
+    /// A chunk was handed out by the last poll: the next one yields to the consumer first.
+    paced: bool,
+}
+
+impl SharedBody {
+    fn new(body: BodyDataStream) -> Self {
+        SharedBody(Arc::new(std::sync::Mutex::new(SharedState {
+            body,
+            paced: false,
+        })))
+    }
+}
 
 impl futures_util::Stream for SharedBody {
     type Item = Result<Bytes, axum::Error>;
@@ -329,10 +346,17 @@ impl futures_util::Stream for SharedBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use futures_util::StreamExt;
-        match self.0.lock() {
-            Ok(mut body) => body.poll_next_unpin(cx),
-            Err(_) => std::task::Poll::Ready(None),
+        let Ok(mut state) = self.0.lock() else {
+            return std::task::Poll::Ready(None);
+        };
+        if state.paced {
+            state.paced = false;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
         }
+        let next = state.body.poll_next_unpin(cx);
+        state.paced = matches!(next, std::task::Poll::Ready(Some(Ok(_))));
+        next
     }
 }
 

@@ -11,6 +11,11 @@ pub use self::tract::TractEngine;
 /// Which kernels run the network's layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernels {
+    /// The fastest kernels that keep the masks of the exact model on this CPU: `fast-bf16` where it has AMX,
+    /// `fast` elsewhere (BENCHMARKS.md: on AMX, bfloat16 is ~2× faster with masks at Dice ≥ 0.999; where only
+    /// AVX-512-BF16 dot products are present, the direct bfloat16 products do 2.25× the multiplies of
+    /// Winograd's, so float32 Winograd stays the default there).
+    Auto,
     /// The convolution layers on this crate's fast ops (Winograd F(2 × 2, 3 × 3) convolutions, fused norms),
     /// the rest on tract; falls back to `tract` for a graph they cannot take. Within 1e-4 of the exact model.
     Fast,
@@ -26,10 +31,22 @@ pub enum Kernels {
 }
 
 impl Kernels {
+    /// What `Auto` means on this CPU; the other choices as they are.
+    pub fn resolve(self) -> Kernels {
+        match self {
+            Kernels::Auto if fast::bf16::hardware() == Some(fast::bf16::Bf16Isa::Amx) => {
+                Kernels::FastBf16
+            }
+            Kernels::Auto => Kernels::Fast,
+            other => other,
+        }
+    }
+
     /// How the fast kernels compute 3 × 3 convolutions, `None` for tract's own.
     pub fn conv3x3_method(self) -> Option<fast::winograd::Method> {
         use fast::winograd::{Method, Tile};
-        match self {
+        match self.resolve() {
+            Kernels::Auto => unreachable!("resolved above"),
             Kernels::Fast => Some(Method::Winograd(Tile::F2)),
             Kernels::FastF4 => Some(Method::Winograd(Tile::F4)),
             Kernels::FastBf16 => Some(Method::Bf16),

@@ -32,7 +32,15 @@ impl TractEngine {
             path: path.display().to_string(),
             reason: format!("{e:#}"),
         };
+        let mut kernels = kernels.resolve();
+        if kernels == Kernels::FastBf16 && fast::bf16::hardware().is_none() {
+            tracing::info!(
+                "no AMX or AVX-512-BF16 on this CPU: the convolutions run in float32 (as --kernels fast)"
+            );
+            kernels = Kernels::Fast;
+        }
         let plan = match kernels {
+            Kernels::Auto => unreachable!("resolved above"),
             Kernels::Tract => Self::plan(path, input_size, kernels).map_err(load_error)?,
             Kernels::Fast | Kernels::FastF4 | Kernels::FastBf16 if !fast::worthwhile() => {
                 tracing::info!(
@@ -100,8 +108,9 @@ impl Engine for TractEngine {
         let tensor: Tensor = input.into_dyn().into();
         let outputs = multithread_tract_scope(self.executor.clone(), || {
             self.plan.run(tvec!(tensor.into()))
-        })
-        .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        });
+        fast::bf16::release_buffers();
+        let outputs = outputs.map_err(|e| EngineError::Run(format!("{e:#}")))?;
         let logits = outputs[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;

@@ -153,7 +153,7 @@ impl Conv3x3 {
         assert_eq!(weights.len(), k_out * c_in * 9);
         assert_eq!(bias.len(), k_out);
         let algorithm = match (method, bf16::hardware()) {
-            (Method::Bf16, Some(isa)) => {
+            (Method::Bf16, Some(isa)) if c_in * 9 > DIRECT_MAX_DEPTH => {
                 Algorithm::DirectBf16(DirectBf16::new(isa, weights, bias, k_out, c_in))
             }
             _ if c_in * 9 <= DIRECT_MAX_DEPTH => {
@@ -164,7 +164,7 @@ impl Conv3x3 {
             (Method::Winograd(tile), _) => {
                 Algorithm::Winograd(Winograd::new(tile, weights, bias, k_out, c_in))
             }
-            (Method::Bf16, None) => {
+            (Method::Bf16, _) => {
                 Algorithm::Winograd(Winograd::new(Tile::F2, weights, bias, k_out, c_in))
             }
         };
