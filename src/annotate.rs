@@ -11,7 +11,7 @@ use crate::admission::Stages;
 use crate::deepgrow::{self, Clicks};
 use crate::error::ApiError;
 use crate::models::Model;
-use crate::nifti_io::{self, DecodeLimits, FileBytes, MaskDtype, Volume};
+use crate::nifti_io::{self, DecodeLimits, FileBytes, MaskDtype, MaskFile, Volume};
 
 /// Where the click's image comes from.
 pub enum ImageSource<'a> {
@@ -38,7 +38,7 @@ pub struct OutputOptions {
 
 /// The mask file and the reply's `params` JSON.
 pub struct Annotation {
-    pub file: Vec<u8>,
+    pub file: MaskFile,
     pub file_name: &'static str,
     pub params: AnnotationParams,
 }
@@ -334,7 +334,7 @@ mod properties {
                 Ok(annotation) => {
                     let k = annotation.params.slice;
                     prop_assert!(k < usize::from(case.shape[2]));
-                    let mask = nifti_io::decode(&annotation.file, limits).expect("our own mask decodes");
+                    let mask = nifti_io::decode(&annotation.file.to_vec(), limits).expect("our own mask decodes");
                     let source = nifti_io::decode(&input, limits).unwrap();
                     prop_assert_eq!(mask.geometry.shape, source.geometry.shape);
                     prop_assert_eq!(mask.geometry.affine, source.geometry.affine);

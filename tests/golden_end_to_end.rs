@@ -183,7 +183,7 @@ fn golden_cases_end_to_end_through_annotate() {
         assert_eq!(annotation.params.slice, k, "{name}: slice");
 
         let mask = decode(
-            &annotation.file,
+            &annotation.file.to_vec(),
             DecodeLimits {
                 max_decompressed_bytes: 1 << 30,
             },

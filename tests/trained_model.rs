@@ -145,7 +145,7 @@ fn one_click_segments_liver_spleen_and_kidneys_on_the_held_out_ct() {
                 &Inline,
             )
             .unwrap();
-            let mask = decode(&reply.file, LIMITS)
+            let mask = decode(&reply.file.to_vec(), LIMITS)
                 .unwrap()
                 .slice_f32(k)
                 .mapv(|v| v > 0.5);

@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let compress = selector & 2 != 0;
 
-    let encoded = encode_mask_nifti(&volume.geometry, k, mask.view(), dtype, compress);
+    let encoded = encode_mask_nifti(&volume.geometry, k, mask.view(), dtype, compress).to_vec();
     let again = decode(&encoded, LIMITS)
         .unwrap_or_else(|e| panic!("the encoded mask does not decode: {e}"));
     assert_eq!(
@@ -105,7 +105,7 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(ones, vec![(last, 1u16)], "mask voxels do not round-trip");
 
-    let nrrd = encode_mask_nrrd(&volume.geometry, k, mask.view(), dtype, compress);
+    let nrrd = encode_mask_nrrd(&volume.geometry, k, mask.view(), dtype, compress).to_vec();
     let split = nrrd
         .windows(2)
         .position(|p| p == b"\n\n")

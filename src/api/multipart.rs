@@ -19,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::{Reservation, Ticket, SMALL_REQUEST_BYTES};
 use crate::error::ApiError;
+use crate::nifti_io::MaskFile;
 
 fn multipart_error(error: multer::Error) -> ApiError {
     if body_timed_out(&error) {
@@ -381,7 +382,7 @@ fn boundary() -> String {
 
 /// The AIAA success reply: `params` JSON part + one file part. The mask is sent as it is, between a small head
 /// and tail, without copying it into a second buffer; the Content-Length is still exact.
-pub fn multipart_reply(params_json: &str, file_name: &str, file: Vec<u8>) -> Response {
+pub fn multipart_reply(params_json: &str, file_name: &str, file: MaskFile) -> Response {
     let boundary = boundary();
     let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\nContent-Type: application/json\r\n\r\n{params_json}\r\n\
@@ -390,13 +391,16 @@ pub fn multipart_reply(params_json: &str, file_name: &str, file: Vec<u8>) -> Res
     let tail = format!("\r\n--{boundary}--\r\n");
     sized_response(
         format!("multipart/form-data; boundary={boundary}"),
-        vec![head.into(), file.into(), tail.into()],
+        std::iter::once(Bytes::from(head))
+            .chain(file.0)
+            .chain(std::iter::once(Bytes::from(tail)))
+            .collect(),
         None,
     )
 }
 
 /// The bare mask file (`output=image`, what OHIF reads).
-pub fn file_reply(file_name: &str, file: Vec<u8>) -> Response {
+pub fn file_reply(file_name: &str, file: MaskFile) -> Response {
     let content_type = if file_name.ends_with(".gz") {
         "application/gzip"
     } else {
@@ -404,7 +408,7 @@ pub fn file_reply(file_name: &str, file: Vec<u8>) -> Response {
     };
     sized_response(
         content_type.to_owned(),
-        vec![file.into()],
+        file.0,
         Some(format!("attachment; filename=\"{file_name}\"")),
     )
 }
