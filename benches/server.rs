@@ -77,6 +77,21 @@ fn codec(c: &mut Criterion) {
     });
     group.finish();
 
+    // What an upload click reads: the file up to the end of the clicked slice (here the middle one).
+    let mut group = c.benchmark_group("slice_100_of_512x512x200_int16");
+    group.sample_size(10);
+    for (name, file) in [(".nii", &raw), (".nii.gz", &gz)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                nifti_io::open(nifti_io::FileBytes::Memory(black_box(file)), LIMITS)
+                    .unwrap()
+                    .read_slice(100)
+                    .unwrap()
+            })
+        });
+    }
+    group.finish();
+
     let volume = nifti_io::decode(&raw, LIMITS).unwrap();
     let mask = Array2::from_shape_fn((SHAPE[0], SHAPE[1]), |(i, j)| {
         u8::from((i as i64 - 256).pow(2) + (j as i64 - 240).pow(2) < 60 * 60)

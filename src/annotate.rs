@@ -56,6 +56,8 @@ pub struct AnnotationParams {
 /// Milliseconds per stage (MONAI Label reports the same kind of breakdown).
 #[derive(Debug, Default, Serialize)]
 pub struct Latencies {
+    /// Waiting for an inference worker (other clicks were running the network).
+    pub wait: f64,
     pub decode: f64,
     pub pre: f64,
     pub infer: f64,
@@ -116,8 +118,13 @@ pub fn annotate(
     latencies.pre = millis_since(stage);
 
     let stage = Instant::now();
-    let logits = stages.infer(|| model.engine.infer(prepared.input))??;
-    latencies.infer = millis_since(stage);
+    let (logits, started) = stages.infer(|| {
+        let started = Instant::now();
+        (model.engine.infer(prepared.input), started)
+    })?;
+    let logits = logits?;
+    latencies.wait = millis_since(stage) - millis_since(started);
+    latencies.infer = millis_since(stage) - latencies.wait;
 
     let stage = Instant::now();
     let mask = deepgrow::postprocess(logits.view(), &prepared.restore);

@@ -210,6 +210,7 @@ fn a_4_gib_gzip_bomb_costs_under_100_mib_and_is_refused_as_a_session() {
     let before = server.reset_peak();
     let reply = send_raw(server.addr, session_request(server.addr, &bomb));
     let rise = server.peak().saturating_sub(before);
+    eprintln!("4 GiB bomb as a session: peak RSS +{} MiB", rise / MIB);
     assert_aiaa_error(&reply, 422, "goes on past");
     assert!(rise < 100 * MIB, "peak RSS rose {} MiB", rise / MIB);
     // As an upload click: only the clicked slice is inflated, and the click is answered.
@@ -219,6 +220,10 @@ fn a_4_gib_gzip_bomb_costs_under_100_mib_and_is_refused_as_a_session() {
         click_request(server.addr, &click_params(30, 30, 4), &bomb, true),
     );
     let rise = server.peak().saturating_sub(before);
+    eprintln!(
+        "4 GiB bomb as an upload click: peak RSS +{} MiB",
+        rise / MIB
+    );
     reply.ok();
     assert!(rise < 100 * MIB, "peak RSS rose {} MiB", rise / MIB);
     assert_eq!(health(server.addr)["inflight_bytes"], 0);

@@ -471,7 +471,7 @@ class ServerBench:
             s = summarize(walls)
             s["latencies_ms"] = lats
             s["latencies_median_ms"] = {k: lt.median([l[k] for l in lats if isinstance(l.get(k), (int, float))])
-                                        for k in ("decode", "pre", "infer", "post", "write", "total")}
+                                        for k in ("wait", "decode", "pre", "infer", "post", "write", "total")}
             s["mask_bytes"] = rounds[-1][2]
             s["reply_params_example"] = rounds[-1][3]
             s["rounds"] = len(rounds)
@@ -622,7 +622,7 @@ def main(argv=None) -> int:
         for name in ("session", "upload"):
             lm = srv[f"click_{name}"]["latencies_median_ms"]
             print(f"server latencies, click with {name} (median ms): " +
-                  " / ".join(f"{k} {lt.fmt_ms(lm.get(k))}" for k in ("decode", "pre", "infer", "post", "write",
+                  " / ".join(f"{k} {lt.fmt_ms(lm.get(k))}" for k in ("wait", "decode", "pre", "infer", "post", "write",
                                                                      "total")))
         cs = srv["click_session"]
         lm = cs["latencies_median_ms"]

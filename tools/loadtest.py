@@ -920,7 +920,7 @@ class Client(threading.Thread):
                 params, _ = click_reply_params(res[1].get("content-type", ""), res[2])
                 lat = params.get("latencies", {})
                 with self.stats.lock:
-                    for stage in ("decode", "pre", "infer", "post", "write", "total"):
+                    for stage in ("wait", "decode", "pre", "infer", "post", "write", "total"):
                         if isinstance(lat.get(stage), (int, float)):
                             self.stats.server_latencies[kind][stage].append(float(lat[stage]))
             except ValueError as e:
@@ -1665,7 +1665,7 @@ def run_load(args, host, port, pid, server, image, shape, click, weights, worker
     for kind, stages in stats.server_latencies.items():
         srv_lat[kind] = {s: median(v) for s, v in stages.items()}
         print(f"server latencies {kind} (median ms): " +
-              " / ".join(f"{s} {fmt_ms(median(stages[s]))}" for s in ("decode", "pre", "infer", "post", "write", "total")
+              " / ".join(f"{s} {fmt_ms(median(stages[s]))}" for s in ("wait", "decode", "pre", "infer", "post", "write", "total")
                          if s in stages))
     print(f"440 for own sessions that aged out (expected): {stats.expired_440}")
     create_cmp, create_line = session_create_comparison(idle_creates, stats.latency.get("session_create", []))

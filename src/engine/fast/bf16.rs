@@ -837,48 +837,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The bfloat16 convolution in float64: inputs and weights rounded as the kernels round them.
-    fn reference(
-        x: &[f32],
-        h: usize,
-        w: usize,
-        c: usize,
-        wt: &[f32],
-        b: &[f32],
-        k: usize,
-    ) -> Vec<f64> {
-        let r = |v: f32| from_bf16(to_bf16(v)) as f64;
-        let mut y = vec![0f64; h * w * k];
-        for yy in 0..h {
-            for xx in 0..w {
-                for kk in 0..k {
-                    let mut acc = b[kk] as f64;
-                    for cc in 0..c {
-                        for tap in 0..9 {
-                            let (sy, sx) = (
-                                yy as isize + tap as isize / 3 - 1,
-                                xx as isize + tap as isize % 3 - 1,
-                            );
-                            if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
-                                continue;
-                            }
-                            acc += r(x[(sy as usize * w + sx as usize) * c + cc])
-                                * r(wt[(kk * c + cc) * 9 + tap]);
-                        }
-                    }
-                    y[(yy * w + xx) * k + kk] = acc;
-                }
-            }
-        }
-        y
-    }
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.5) - 1.0)
-            .collect()
-    }
+    use crate::engine::fast::test_support::{direct_conv, values};
 
     #[test]
     fn rounding_is_to_nearest_even() {
@@ -921,7 +880,9 @@ mod tests {
             cat[p * (c1 + c2)..][..c1].copy_from_slice(&a[p * c1..][..c1]);
             cat[p * (c1 + c2) + c1..][..c2].copy_from_slice(&b[p * c2..][..c2]);
         }
-        let want = reference(&cat, h, w, c1 + c2, &wt, &bias, k);
+        // the reference sees the concatenation, rounded as the kernels round it
+        let round = |v: f32| from_bf16(to_bf16(v)) as f64;
+        let want = direct_conv(&cat, [h, w, c1 + c2], &wt, &bias, k, round);
         for isa in paths() {
             for threads in [1, 2] {
                 let conv = DirectBf16::new(isa, &wt, &bias, k, c1 + c2);

@@ -326,12 +326,7 @@ impl Upsample2x2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.5) - 1.0)
-            .collect()
-    }
+    use crate::engine::fast::test_support::values;
 
     #[test]
     fn upsample_and_pointwise_match_naive_loops() {

@@ -43,3 +43,51 @@ pub fn worthwhile() -> bool {
     kernel::isa() >= kernel::Isa::Avx2
         || std::env::var("DEEPGROW_FAST_ISA").as_deref() == Ok("portable")
 }
+
+/// Inputs and references the fast kernels' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Deterministic values in [−1, 1).
+    pub fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.5) - 1.0)
+            .collect()
+    }
+
+    /// The 3 × 3 convolution (stride 1, zero padding 1) of NHWC `x` (`h × w × c`) with ONNX weights `wt`
+    /// (`[k][c][3][3]`) and bias `b`, summed in f64 over the values as `read` gives them (as they are, or
+    /// rounded as a kernel rounds them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn direct_conv(
+        x: &[f32],
+        [h, w, c]: [usize; 3],
+        wt: &[f32],
+        b: &[f32],
+        k: usize,
+        read: impl Fn(f32) -> f64,
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; h * w * k];
+        for yy in 0..h {
+            for xx in 0..w {
+                for kk in 0..k {
+                    let mut acc = b[kk] as f64;
+                    for cc in 0..c {
+                        for tap in 0..9 {
+                            let (sy, sx) = (
+                                yy as isize + tap as isize / 3 - 1,
+                                xx as isize + tap as isize % 3 - 1,
+                            );
+                            if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+                                continue;
+                            }
+                            acc += read(x[(sy as usize * w + sx as usize) * c + cc])
+                                * read(wt[(kk * c + cc) * 9 + tap]);
+                        }
+                    }
+                    y[(yy * w + xx) * k + kk] = acc;
+                }
+            }
+        }
+        y
+    }
+}

@@ -753,46 +753,7 @@ fn output_tile<const M: usize, const A: usize, T: Transforms<M, A>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn direct(
-        x: &[f32],
-        h: usize,
-        w: usize,
-        c: usize,
-        wt: &[f32],
-        b: &[f32],
-        k: usize,
-    ) -> Vec<f64> {
-        let mut y = vec![0f64; h * w * k];
-        for yy in 0..h {
-            for xx in 0..w {
-                for kk in 0..k {
-                    let mut acc = b[kk] as f64;
-                    for cc in 0..c {
-                        for a in 0..3 {
-                            for bb in 0..3 {
-                                let (sy, sx) =
-                                    (yy as isize + a as isize - 1, xx as isize + bb as isize - 1);
-                                if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
-                                    continue;
-                                }
-                                acc += x[(sy as usize * w + sx as usize) * c + cc] as f64
-                                    * wt[((kk * c + cc) * 3 + a) * 3 + bb] as f64;
-                            }
-                        }
-                    }
-                    y[(yy * w + xx) * k + kk] = acc;
-                }
-            }
-        }
-        y
-    }
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104729) % 1013) as f32 / 506.5) - 1.0)
-            .collect()
-    }
+    use crate::engine::fast::test_support::{direct_conv, values};
 
     #[test]
     fn convolutions_match_the_direct_sum_on_odd_sizes_and_concatenated_inputs() {
@@ -814,7 +775,7 @@ mod tests {
             cat[p * (c1 + c2)..][..c1].copy_from_slice(&a[p * c1..][..c1]);
             cat[p * (c1 + c2) + c1..][..c2].copy_from_slice(&b[p * c2..][..c2]);
         }
-        let want = direct(&cat, h, w, c1 + c2, &wt, &bias, k);
+        let want = direct_conv(&cat, [h, w, c1 + c2], &wt, &bias, k, |v| v as f64);
         for threads in [1, 2] {
             let par = Parallel::new(threads);
             for tile in [Tile::F2, Tile::F4] {
