@@ -5,7 +5,6 @@
 //! with a quoted filename and an octet-stream type.
 
 use std::io::Read;
-
 use std::sync::Arc;
 
 use axum::body::{Body, BodyDataStream};
@@ -178,21 +177,13 @@ impl UploadForm {
         Ok(None)
     }
 
-    /// Reads the rest of the form after an image part: `params` if it comes late, nothing else kept.
+    /// Reads the rest of the form after [`Self::next_image`]: `params` if it comes late, nothing else kept
+    /// (a second image part is refused there), then whatever follows the closing boundary.
     pub async fn finish(&mut self) -> Result<(), ApiError> {
-        match self.next_image().await? {
-            None => {
-                self.drain_epilogue().await;
-                Ok(())
-            }
-            Some(extra) => {
-                let name = extra.name.clone();
-                drop(extra);
-                Err(ApiError::BadRequest(format!(
-                    "expected exactly one image file, got a second part '{name}'"
-                )))
-            }
-        }
+        let more = self.next_image().await?;
+        debug_assert!(more.is_none(), "next_image refuses a second image part");
+        self.drain_epilogue().await;
+        Ok(())
     }
 
     /// Reads whatever is left of the body and drops it (see [`drain`]); for replies to refused requests.
