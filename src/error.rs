@@ -21,7 +21,7 @@ pub enum ApiError {
     Deepgrow(#[from] DeepgrowError),
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("model '{0}' is not served here; GET /v1/models lists the models")]
+    #[error("model '{0}' is not served here; GET /v1/models (AIAA) or GET /info/ (MONAI Label) lists the models")]
     UnknownModel(String),
     #[error("{0}")]
     WrongModelType(String),
@@ -31,6 +31,10 @@ pub enum ApiError {
     SessionExpired(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("no image: send the volume as a file part ('datapoint' or 'file') or name a session with session_id")]
+    NoImage,
+    #[error(transparent)]
+    InvalidField(#[from] FieldError),
     #[error("{0}")]
     Unsupported(String),
     #[error("this endpoint does not accept that method")]
@@ -50,7 +54,9 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::NoImage | ApiError::InvalidField(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Nifti(NiftiError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Deepgrow(e) if !e.is_client_error() => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Nifti(_) | ApiError::Deepgrow(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -80,6 +86,7 @@ impl ApiError {
             ApiError::WrongModelType(_) => "WrongModelType",
             ApiError::SessionExpired(_) => "SessionExpired",
             ApiError::NotFound(_) => "NotFound",
+            ApiError::NoImage | ApiError::InvalidField(_) => "BadRequest",
             ApiError::Unsupported(_) => "NotImplemented",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
             ApiError::Unauthorized => "Unauthorized",
@@ -91,6 +98,20 @@ impl ApiError {
     }
 }
 
+/// A query or form field that is missing or out of its allowed values: FastAPI's validation error, which
+/// MONAI Label's clients get as a 422 with a list of `{type, loc, msg, input}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{location} field '{field}': {message}")]
+pub struct FieldError {
+    /// `query` or `body`.
+    pub location: &'static str,
+    pub field: &'static str,
+    /// FastAPI's error type: `missing` or `enum`.
+    pub kind: &'static str,
+    pub message: String,
+    pub input: Option<String>,
+}
+
 /// Builds the AIAA error body for an error kind and message.
 fn error_body(kind: &str, message: &str) -> String {
     serde_json::json!({
@@ -100,11 +121,10 @@ fn error_body(kind: &str, message: &str) -> String {
     .to_string()
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        // Server faults are logged with their details and answered without them.
-        let message = match &self {
+impl ApiError {
+    /// The message a client gets (server faults are logged with their details and answered without them).
+    fn logged_message(&self, status: StatusCode) -> String {
+        match self {
             ApiError::Deepgrow(e) if !e.is_client_error() => {
                 tracing::error!(error = %e, "pipeline fault");
                 "internal error in the deepgrow pipeline".to_owned()
@@ -121,8 +141,12 @@ impl IntoResponse for ApiError {
                 tracing::info!(status = status.as_u16(), error = %self, "request rejected");
                 self.to_string()
             }
-        };
-        let mut response = (status, error_body(self.kind(), &message)).into_response();
+        }
+    }
+
+    /// An error reply with `body`, a JSON content type, and the headers this error calls for.
+    fn reply(&self, status: StatusCode, body: String) -> Response {
+        let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -142,5 +166,50 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         response
+    }
+
+    /// The reply in MONAI Label's shape, FastAPI's `{"detail": "..."}`. An unknown session is a 404 there.
+    pub fn into_detail_response(self) -> Response {
+        let status = match &self {
+            ApiError::SessionExpired(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => self.status(),
+        };
+        let message = self.logged_message(status);
+        let detail = match &self {
+            ApiError::InvalidField(field) => serde_json::json!([{
+                "type": field.kind,
+                "loc": [field.location, field.field],
+                "msg": field.message,
+                "input": field.input,
+            }]),
+            _ => serde_json::Value::String(message),
+        };
+        self.reply(status, serde_json::json!({ "detail": detail }).to_string())
+    }
+
+    /// A reply both APIs' clients read, where they send the same request (`GET`/`DELETE /session/{id}`): the
+    /// AIAA body with MONAI's `detail` beside it. Both read any non-200 there as "no such session"; an unknown
+    /// session is a 404, as MONAI Label answers (a click naming one still gets AIAA's 440 from `/v1`).
+    pub fn into_shared_response(self) -> Response {
+        let status = match &self {
+            ApiError::SessionExpired(_) => StatusCode::NOT_FOUND,
+            _ => self.status(),
+        };
+        let message = self.logged_message(status);
+        let body = serde_json::json!({
+            "detail": message,
+            "error": { "message": [message], "type": self.kind() },
+            "success": false,
+        });
+        self.reply(status, body.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.logged_message(status);
+        self.reply(status, error_body(self.kind(), &message))
     }
 }

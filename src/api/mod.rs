@@ -1,6 +1,8 @@
 //! The HTTP layer: validates, converts and maps errors; CPU work goes to the blocking pool behind permits.
 
 mod aiaa;
+mod click;
+mod monai_label;
 mod multipart;
 mod params;
 mod session;
@@ -118,6 +120,8 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
         .route("/session", put(session::create))
         .route("/session/", put(session::create))
         .route("/session/{id}", get(session::get).delete(session::delete))
+        .route("/session/{id}/", get(session::get).delete(session::delete))
+        .merge(monai_label_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(policy.max_upload_bytes))
@@ -128,12 +132,56 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
             request_deadline,
         ))
         .layer(RequestBodyTimeoutLayer::new(policy.body_timeout))
-        .layer(cors(cors_origins))
+        // CORS outside the panic handler: a browser gets to read every reply, errors included.
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(cors(cors_origins))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// MONAI Label's paths, each with and without its trailing slash (its clients follow no redirects).
+fn monai_label_routes() -> Router<SharedState> {
+    let both = |router: Router<SharedState>,
+                path: &str,
+                route: axum::routing::MethodRouter<SharedState>| {
+        router
+            .route(path, route.clone())
+            .route(&format!("{path}/"), route)
+    };
+    let mut router = Router::new();
+    router = both(router, "/info", get(monai_label::info));
+    router = both(router, "/infer/{model}", post(monai_label::infer));
+    router = both(
+        router,
+        "/train",
+        get(monai_label::train_status)
+            .post(monai_label::train_refused)
+            .delete(monai_label::train_refused),
+    );
+    router = both(router, "/train/{model}", post(monai_label::train_refused));
+    router = both(router, "/auth", get(monai_label::auth));
+    router = both(
+        router,
+        "/activelearning/{strategy}",
+        post(monai_label::next_sample),
+    );
+    router = both(
+        router,
+        "/datastore",
+        get(monai_label::datastore).put(monai_label::datastore_write),
+    );
+    router = both(
+        router,
+        "/datastore/label",
+        get(monai_label::datastore_label).put(monai_label::datastore_write),
+    );
+    both(
+        router,
+        "/datastore/image",
+        get(monai_label::datastore_image),
+    )
 }
 
 /// Every log line of a request carries its id (also returned as `x-request-id`).
@@ -202,7 +250,7 @@ async fn require_token(State(state): State<SharedState>, request: Request, next:
 
 async fn not_found(State(state): State<SharedState>, body: axum::body::Body) -> ApiError {
     multipart::drain(body, state.policy.max_upload_bytes).await;
-    ApiError::NotFound("no such endpoint; see GET / for the API this server speaks".into())
+    ApiError::NotFound("no such endpoint; see GET / for the APIs this server speaks".into())
 }
 
 async fn method_not_allowed() -> ApiError {

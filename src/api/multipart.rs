@@ -77,7 +77,7 @@ pub fn content_type(request: &Request) -> String {
 }
 
 /// Largest text part (`params`) accepted: clicks and options are a few hundred bytes.
-const MAX_TEXT_PART: usize = 1 << 20;
+pub const MAX_TEXT_PART: usize = 1 << 20;
 
 /// Chunks of an upload in flight between the HTTP reader and its decoder.
 const PIPE_CHUNKS: usize = 16;
@@ -92,6 +92,8 @@ pub struct UploadForm {
     content_length: Option<u64>,
     params: Option<String>,
     images: usize,
+    /// The names of the parts read so far (the first few), to tell the clients apart.
+    field_names: Vec<String>,
 }
 
 /// The image part of an upload, as it arrives.
@@ -136,7 +138,13 @@ impl UploadForm {
             content_length,
             params: None,
             images: 0,
+            field_names: Vec::new(),
         })
+    }
+
+    /// Whether a part of this name has been read: MONAI Label's clients send `client_id` and `files`.
+    pub fn has_field(&self, name: &str) -> bool {
+        self.field_names.iter().any(|n| n == name)
     }
 
     /// The `params` text, once its part has been read.
@@ -150,11 +158,16 @@ impl UploadForm {
         while let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or_default().to_owned();
             let file_name = field.file_name().map(str::to_owned);
+            if self.field_names.len() < 16 {
+                self.field_names.push(name.clone());
+            }
             if file_name.is_none() && name == "params" {
                 self.params = Some(read_text(&mut field).await?);
                 continue;
             }
-            if file_name.is_none() && !is_image_field(&name) {
+            // unknown text fields (a client's extra options), and MONAI Label's `label` input (a mask, which
+            // deepgrow does not take) are read and dropped
+            if (file_name.is_none() && !is_image_field(&name)) || name == "label" {
                 while field.chunk().await.map_err(multipart_error)?.is_some() {}
                 continue;
             }

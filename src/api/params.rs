@@ -28,12 +28,17 @@ struct RawParams {
     result_dtype: Option<String>,
     #[serde(default)]
     result_compress: Option<Value>,
+    /// The segment a MONAI Label client is drawing (Slicer sends it; a deepgrow model ignores it).
+    #[serde(default)]
+    label: Option<Value>,
 }
 
 #[derive(Debug)]
 pub struct DeepgrowParams {
     pub clicks: Clicks,
     pub output: OutputOptions,
+    /// The label name the client asked for, echoed in MONAI Label's `label_names`.
+    pub label: Option<String>,
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
@@ -182,6 +187,10 @@ impl DeepgrowParams {
                 slice,
             },
             output: output_options(&raw)?,
+            label: match raw.label {
+                Some(Value::String(name)) if !name.is_empty() => Some(name),
+                _ => None,
+            },
         })
     }
 }

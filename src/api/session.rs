@@ -1,8 +1,13 @@
-//! AIAA sessions: `PUT /session/` stores a decoded volume, `GET`/`DELETE /session/{id}`; 440 when unknown.
+//! Sessions, shared by both APIs: `PUT /session/` stores a decoded volume, `GET`/`DELETE /session/{id}` (404
+//! when unknown). A click naming an unknown session gets AIAA's 440, or MONAI Label's 404, from its own API.
+//!
+//! MONAI Label's clients upload the volume as `files` beside a `client_id` field; their errors are answered in
+//! FastAPI's shape, everyone else's in AIAA's.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -10,7 +15,7 @@ use serde_json::{json, Value};
 use super::multipart::{content_type, drain, UploadForm};
 use super::SharedState;
 use crate::admission::off_runtime;
-use crate::error::ApiError;
+use crate::error::{ApiError, FieldError};
 use crate::nifti_io::{self, FileBytes};
 use crate::sessions::SessionError;
 
@@ -33,27 +38,43 @@ fn parse_expiry(value: Option<&str>) -> Result<Option<u64>, ApiError> {
     }
 }
 
-/// `PUT /session/?expiry=<s>` with a multipart image (Python, C++, OHIF form); OHIF's DICOM-fetch JSON is refused.
+/// `PUT /session/?expiry=<s>` with a multipart image (AIAA's Python, C++ and OHIF clients, MONAI Label's
+/// Slicer and Python clients); OHIF's DICOM-fetch JSON is refused.
 pub async fn create(
     State(state): State<SharedState>,
     Query(query): Query<CreateQuery>,
     request: Request,
-) -> Result<Json<Value>, ApiError> {
+) -> Response {
     if content_type(&request).starts_with("application/json") {
         drain(request.into_body(), state.policy.max_upload_bytes).await;
-        return Err(ApiError::Unsupported(
+        return ApiError::Unsupported(
             "creating a session by fetching from a DICOM server is not supported; upload the volume as a \
              multipart file instead (in OHIF, untick 'Fetch Images From Dicom Server')"
                 .into(),
-        ));
+        )
+        .into_response();
     }
-    let mut form = UploadForm::from_request(request, state.policy.max_upload_bytes).await?;
-    let result = create_from_form(&state, &query, &mut form).await;
-    if result.is_err() {
-        // The body is read before an error is answered (see `drain`).
-        form.drain().await;
+    let mut form = match UploadForm::from_request(request, state.policy.max_upload_bytes).await {
+        Ok(form) => form,
+        Err(error) => return error.into_shared_response(),
+    };
+    match create_from_form(&state, &query, &mut form).await {
+        Ok(reply) => reply.into_response(),
+        Err(error) => {
+            // The body is read before an error is answered (see `drain`).
+            form.drain().await;
+            if is_monai_label(&form) {
+                error.into_detail_response()
+            } else {
+                error.into_response()
+            }
+        }
     }
-    result
+}
+
+/// MONAI Label's clients send the file as `files` with a `client_id` field; AIAA's never do.
+fn is_monai_label(form: &UploadForm) -> bool {
+    form.has_field("files") || form.has_field("client_id")
 }
 
 /// Decodes the upload while it arrives, into a volume of exactly its image's size held against the in-flight
@@ -64,9 +85,24 @@ async fn create_from_form(
     form: &mut UploadForm,
 ) -> Result<Json<Value>, ApiError> {
     let expiry = parse_expiry(query.expiry.as_deref())?;
-    let part = form.next_image().await?.ok_or_else(|| {
-        ApiError::BadRequest("no image file in the request (send it as the 'image' part)".into())
-    })?;
+    let part = match form.next_image().await? {
+        Some(part) => part,
+        None if is_monai_label(form) => {
+            return Err(FieldError {
+                location: "body",
+                field: "files",
+                kind: "missing",
+                message: "Field required".into(),
+                input: None,
+            }
+            .into())
+        }
+        None => {
+            return Err(ApiError::BadRequest(
+                "no image file in the request (send it as the 'image' part)".into(),
+            ))
+        }
+    };
     let name = part.name.clone();
     // the reader takes decode workers as the bytes arrive
     let (reader, pump) = part.pipe(state.decode_pool.admit()?);
@@ -99,34 +135,28 @@ pub struct GetQuery {
     update_ts: Option<String>,
 }
 
+/// `GET /session/{id}[?update_ts=true]`: the session's info (never empty: Slicer re-uploads on an empty one).
 pub async fn get(
     State(state): State<SharedState>,
     Path(id): Path<String>,
     Query(query): Query<GetQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Response {
     let refresh = query
         .update_ts
         .as_deref()
         .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1"));
-    let info = state
-        .sessions
-        .info(&id, refresh)
-        .ok_or(ApiError::SessionExpired(id))?;
-    Ok(Json(
-        serde_json::to_value(info).map_err(|e| ApiError::Internal(e.to_string()))?,
-    ))
+    match state.sessions.info(&id, refresh) {
+        Some(info) => Json(info).into_response(),
+        None => ApiError::SessionExpired(id).into_shared_response(),
+    }
 }
 
-pub async fn delete(
-    State(state): State<SharedState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let info = state
-        .sessions
-        .remove(&id)
-        .ok_or(ApiError::SessionExpired(id.clone()))?;
-    tracing::info!(session = %id, "session closed");
-    Ok(Json(
-        json!({ "session_id": id, "session_info": info, "deleted": true }),
-    ))
+pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    match state.sessions.remove(&id) {
+        Some(info) => {
+            tracing::info!(session = %id, "session closed");
+            Json(json!({ "session_id": id, "session_info": info, "deleted": true })).into_response()
+        }
+        None => ApiError::SessionExpired(id).into_shared_response(),
+    }
 }

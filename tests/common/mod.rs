@@ -834,14 +834,40 @@ pub fn aiaa_multipart(reply: &Reply) -> AiaaReply {
 /// Content-Type and a message containing `keyword` (case-insensitive); returns the message.
 pub fn assert_aiaa_error(reply: &Reply, status: u16, keyword: &str) -> String {
     assert_eq!(reply.status, status, "status for {}", reply.text());
+    let body = reply.json();
+    let object = body.as_object().expect("error body is an object");
+    assert_eq!(object.len(), 2, "only error and success: {body}");
+    aiaa_error_message(reply, keyword)
+}
+
+/// What `GET`/`DELETE /session/{id}` answer for an unknown session, which AIAA's and MONAI Label's clients
+/// request with the same bytes: 404 (MONAI Label's status; AIAA's clients take any non-200), with AIAA's
+/// error body and FastAPI's `detail` beside it, both naming the session.
+pub fn assert_unknown_session(reply: &Reply, id: &str) {
+    assert_eq!(reply.status, 404, "status for {}", reply.text());
+    let body = reply.json();
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(3),
+        "error, success and detail: {body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains(id)),
+        "detail names the session: {body}"
+    );
+    assert_eq!(
+        aiaa_error_message(reply, id),
+        body["detail"].as_str().unwrap()
+    );
+}
+
+fn aiaa_error_message(reply: &Reply, keyword: &str) -> String {
     assert!(
         reply.content_type().starts_with("application/json"),
         "JSON error type: {}",
         reply.content_type()
     );
     let body = reply.json();
-    let object = body.as_object().expect("error body is an object");
-    assert_eq!(object.len(), 2, "only error and success: {body}");
     assert_eq!(body["success"], Value::Bool(false), "{body}");
     let error = body["error"].as_object().expect("error object");
     assert!(

@@ -1,0 +1,199 @@
+//! One click as both APIs take it: the image from a session, or from the uploaded file (decoded while it
+//! arrives when the params came first, buffered against the in-flight budget when they come after it), then
+//! [`annotate`] on the worker pools, then the reply in the form the client asked for.
+
+use std::sync::Arc;
+
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use super::multipart::{file_reply, multipart_reply, UploadForm};
+use super::params::DeepgrowParams;
+use super::SharedState;
+use crate::admission::{off_runtime, ClickTickets};
+use crate::annotate::{annotate, Annotation, ImageSource};
+use crate::error::ApiError;
+use crate::models::Model;
+use crate::nifti_io::{FileBytes, MaskFile};
+
+/// The body of a click request.
+pub enum ClickBody {
+    /// A multipart form: `params`, and the image file unless a session is named.
+    Form(UploadForm),
+    /// The `params` text alone (MONAI Label's url-encoded form, or no body at all).
+    Params(Option<String>),
+}
+
+impl ClickBody {
+    fn params(&self) -> Option<&str> {
+        match self {
+            ClickBody::Form(form) => form.params(),
+            ClickBody::Params(text) => text.as_deref(),
+        }
+    }
+
+    /// Reads what is left of the body, before an error is answered (see `multipart::drain`).
+    pub async fn drain(&mut self) {
+        if let ClickBody::Form(form) = self {
+            form.drain().await;
+        }
+    }
+}
+
+/// What the client asked to get back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// `params` JSON and the mask file, as multipart (the default).
+    Multipart,
+    /// The mask file alone.
+    Image,
+    /// The `params` JSON alone.
+    Json,
+}
+
+impl ReplyKind {
+    /// The `output` query value (absent, `all`, `image` or `json`); `None` for any other.
+    pub fn parse(output: Option<&str>) -> Option<ReplyKind> {
+        match output.map(str::to_ascii_lowercase).as_deref() {
+            None | Some("") | Some("all") => Some(ReplyKind::Multipart),
+            Some("image") => Some(ReplyKind::Image),
+            Some("json") => Some(ReplyKind::Json),
+            Some(_) => None,
+        }
+    }
+
+    /// The reply to a click: `params` is the JSON the API reports, `file` the mask file named `file_name`.
+    pub fn respond(
+        self,
+        params: &impl Serialize,
+        file_name: &str,
+        file: MaskFile,
+    ) -> Result<Response, ApiError> {
+        Ok(match self {
+            ReplyKind::Multipart => {
+                let params_json = serde_json::to_string(params)
+                    .map_err(|e| ApiError::Internal(format!("serialising reply params: {e}")))?;
+                multipart_reply(&params_json, file_name, file)
+            }
+            ReplyKind::Image => file_reply(file_name, file),
+            ReplyKind::Json => Json(params).into_response(),
+        })
+    }
+}
+
+/// An answered click, with the label name its params asked for.
+pub struct Answered {
+    pub annotation: Annotation,
+    pub label: Option<String>,
+}
+
+/// Runs one click on `model` with the image of `session_id`, or else the body's file. A session wins over an
+/// uploaded file, which is then read and dropped (both APIs do so). [`ApiError::NoImage`] when there is neither.
+pub async fn click(
+    state: &SharedState,
+    model: Arc<Model>,
+    session_id: Option<&str>,
+    body: &mut ClickBody,
+) -> Result<Answered, ApiError> {
+    let image = match body {
+        ClickBody::Form(form) => form.next_image().await?,
+        ClickBody::Params(_) => None,
+    };
+    if !model.is_deepgrow_2d() {
+        return Err(ApiError::WrongModelType(format!(
+            "model '{}' is of type '{}', not a Deepgrow 2D model",
+            model.info.name, model.info.model_type
+        )));
+    }
+    let limits = state.decode_limits;
+    let session_id = session_id.filter(|id| !id.is_empty());
+    let (annotation, label) = match (session_id, image, body) {
+        (Some(id), image, body) => {
+            drop(image);
+            if let ClickBody::Form(form) = &mut *body {
+                form.finish().await?;
+            }
+            let params = DeepgrowParams::parse(body.params())?;
+            let volume = state
+                .sessions
+                .volume(id)
+                .ok_or_else(|| ApiError::SessionExpired(id.to_owned()))?;
+            let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
+            let label = params.label.clone();
+            let annotation = off_runtime(move || {
+                let source = ImageSource::Session(volume);
+                annotate(
+                    &model,
+                    source,
+                    &params.clicks,
+                    params.output,
+                    limits,
+                    &tickets,
+                )
+            })
+            .await?;
+            (annotation, label)
+        }
+        // The params came first (as every client sends them): the upload is decoded while it arrives, and
+        // only as far as the clicked slice.
+        (None, Some(part), ClickBody::Form(form)) if form.params().is_some() => {
+            let params = DeepgrowParams::parse(form.params())?;
+            let decode = state.decode_pool.admit()?;
+            // the reader takes decode workers as the bytes arrive
+            let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
+            let (reader, pump) = part.pipe(decode);
+            let label = params.label.clone();
+            let job = off_runtime(move || {
+                let source = ImageSource::Upload(FileBytes::Stream(Box::new(reader)));
+                annotate(
+                    &model,
+                    source,
+                    &params.clicks,
+                    params.output,
+                    limits,
+                    &tickets,
+                )
+            });
+            let (pumped, annotation) = tokio::join!(pump, job);
+            // A broken upload explains a failed decode better than the decode does.
+            pumped?;
+            form.finish().await?;
+            (annotation?, label)
+        }
+        // The params come after the file: the file is buffered (against the in-flight budget) until they do.
+        (None, Some(part), ClickBody::Form(form)) => {
+            let mut reservation = state.budget.empty();
+            let bytes = form.buffer(part, &mut reservation).await?;
+            form.finish().await?;
+            let params = DeepgrowParams::parse(form.params())?;
+            let tickets =
+                ClickTickets::new(Some(state.decode_pool.admit()?), state.infer_pool.admit()?);
+            let label = params.label.clone();
+            let annotation = off_runtime(move || {
+                let _held = reservation;
+                let source = ImageSource::Upload(FileBytes::Memory(&bytes));
+                annotate(
+                    &model,
+                    source,
+                    &params.clicks,
+                    params.output,
+                    limits,
+                    &tickets,
+                )
+            })
+            .await?;
+            (annotation, label)
+        }
+        (None, _, _) => return Err(ApiError::NoImage),
+    };
+    tracing::info!(
+        model = %annotation.params.model,
+        slice = annotation.params.slice,
+        mask_pixels = annotation.params.mask_pixels,
+        total_ms = annotation.params.latencies.total,
+        infer_ms = annotation.params.latencies.infer,
+        "deepgrow click answered"
+    );
+    Ok(Answered { annotation, label })
+}
