@@ -1,6 +1,6 @@
 //! What a click costs around the pure pipeline: NIfTI decode and mask encode of a 512 x 512 x 200 int16 CT
 //! (.nii and .nii.gz), one run of the bundled 512 x 512 model through tract, and a whole click over HTTP
-//! on loopback (with a session, and with the upload).
+//! on loopback through each API (AIAA and MONAI Label), with a session and with the upload.
 //!
 //! The CT is the small real fixture (`tests/fixtures/ct`, TotalSegmentator example, int16) tiled to
 //! 512 x 512 x 200, so the gzip stream has real CT texture.
@@ -32,6 +32,11 @@ fn manifest(relative: &str) -> PathBuf {
 
 /// The fixture CT tiled to `SHAPE`: returns the uncompressed file and its gzip.
 fn tiled_ct() -> (Vec<u8>, Vec<u8>) {
+    tiled_ct_to([SHAPE[0], SHAPE[1], SHAPE[2]])
+}
+
+/// The fixture CT tiled to `shape`.
+fn tiled_ct_to(shape: [usize; 3]) -> (Vec<u8>, Vec<u8>) {
     let gz = std::fs::read(manifest("tests/fixtures/ct/totalseg_example_ct_sm.nii.gz"))
         .expect("CT fixture");
     let mut raw = Vec::new();
@@ -45,13 +50,13 @@ fn tiled_ct() -> (Vec<u8>, Vec<u8>) {
     // Keep the fixture's header (and any extension) up to vox_offset; only the dims change.
     let vox_offset = f32::from_le_bytes(raw[108..112].try_into().unwrap()) as usize;
     let mut file = raw[..vox_offset].to_vec();
-    for (n, d) in SHAPE.iter().enumerate() {
+    for (n, d) in shape.iter().enumerate() {
         file[42 + 2 * n..44 + 2 * n].copy_from_slice(&(*d as i16).to_le_bytes());
     }
-    file.reserve(SHAPE.iter().product::<usize>() * 2);
-    for k in 0..SHAPE[2] {
-        for j in 0..SHAPE[1] {
-            for i in 0..SHAPE[0] {
+    file.reserve(shape.iter().product::<usize>() * 2);
+    for k in 0..shape[2] {
+        for j in 0..shape[1] {
+            for i in 0..shape[0] {
                 let v = values[i % ni + ni * (j % nj + nj * (k % nk))];
                 file.extend_from_slice(&v.to_le_bytes());
             }
@@ -170,67 +175,75 @@ fn start_server() -> SocketAddr {
     rx.recv().unwrap()
 }
 
+/// One click through each API and image source, on a 512 x 512 CT of 20 and of 200 slices. Both APIs get the
+/// same params (Slicer's MONAI Label click: uint8 NRRD), so they differ only in their HTTP layer.
 fn http_click(c: &mut Criterion) {
     let addr = start_server();
-    let (_, gz) = tiled_ct();
-    let gz = Arc::new(gz);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let client = reqwest::Client::new();
     let base = format!("http://{addr}");
-    let params = r#"{"foreground": [[300, 250, 100]], "background": [[100, 100, 100]]}"#;
-    let form = |with_file: bool| {
-        let form = reqwest::multipart::Form::new().text("params", params);
-        if with_file {
-            form.part(
-                "datapoint",
-                reqwest::multipart::Part::bytes(gz.to_vec()).file_name("ct.nii.gz"),
-            )
-        } else {
-            form
-        }
-    };
-    let session: String = runtime.block_on(async {
-        let reply: serde_json::Value = client
-            .put(format!("{base}/session/"))
-            .multipart(reqwest::multipart::Form::new().part(
-                "image",
-                reqwest::multipart::Part::bytes(gz.to_vec()).file_name("ct.nii.gz"),
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        reply["session_id"].as_str().unwrap().to_owned()
-    });
-    let click = |url: String, with_file: bool| {
-        runtime.block_on(async {
-            let reply = client
-                .post(url)
-                .multipart(form(with_file))
+    for depth in [20, 200] {
+        let (_, gz) = tiled_ct_to([512, 512, depth]);
+        let k = depth / 2;
+        let params = format!(
+            r#"{{"label": "liver", "foreground": [[300, 250, {k}]], "background": [[100, 100, {k}]], "slice": {k}, "result_extension": ".nrrd", "result_dtype": "uint8"}}"#
+        );
+        let form = |file_field: Option<&str>| {
+            let form = reqwest::multipart::Form::new().text("params", params.clone());
+            match file_field {
+                Some(field) => form.part(
+                    field.to_owned(),
+                    reqwest::multipart::Part::bytes(gz.to_vec()).file_name("ct.nii.gz"),
+                ),
+                None => form,
+            }
+        };
+        let session: String = runtime.block_on(async {
+            let reply: serde_json::Value = client
+                .put(format!("{base}/session/"))
+                .multipart(reqwest::multipart::Form::new().part(
+                    "files",
+                    reqwest::multipart::Part::bytes(gz.to_vec()).file_name("ct.nii.gz"),
+                ))
                 .send()
                 .await
+                .unwrap()
+                .json()
+                .await
                 .unwrap();
-            assert_eq!(reply.status(), 200);
-            reply.bytes().await.unwrap()
-        })
-    };
-    let mut group = c.benchmark_group("http_click_512x512x200");
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(30));
-    group.bench_function("with_session", |b| {
-        b.iter(|| {
-            click(
-                format!("{base}/v1/deepgrow?model=deepgrow_2d&session_id={session}"),
-                false,
-            )
-        })
-    });
-    group.bench_function("with_upload", |b| {
-        b.iter(|| click(format!("{base}/v1/deepgrow?model=deepgrow_2d"), true))
-    });
-    group.finish();
+            reply["session_id"].as_str().unwrap().to_owned()
+        });
+        let click = |url: String, file_field: Option<&str>| {
+            runtime.block_on(async {
+                let reply = client
+                    .post(url)
+                    .multipart(form(file_field))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(reply.status(), 200);
+                reply.bytes().await.unwrap()
+            })
+        };
+        let mut group = c.benchmark_group(format!("http_click_512x512x{depth}"));
+        group.sample_size(10);
+        group.measurement_time(Duration::from_secs(20));
+        let aiaa = format!("{base}/v1/deepgrow?model=deepgrow_2d");
+        let monai = format!("{base}/infer/deepgrow_2d");
+        group.bench_function("aiaa_session", |b| {
+            b.iter(|| click(format!("{aiaa}&session_id={session}"), None))
+        });
+        group.bench_function("monai_label_session", |b| {
+            b.iter(|| click(format!("{monai}?image=ct&session_id={session}"), None))
+        });
+        group.bench_function("aiaa_upload", |b| {
+            b.iter(|| click(aiaa.clone(), Some("datapoint")))
+        });
+        group.bench_function("monai_label_file", |b| {
+            b.iter(|| click(monai.clone(), Some("file")))
+        });
+        group.finish();
+    }
 }
 
 criterion_group!(benches, codec, inference, http_click);

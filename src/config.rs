@@ -18,14 +18,14 @@ pub enum LogFormat {
 #[command(
     name = "deepgrow-server",
     version,
-    about = "Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API"
+    about = "Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA and MONAI Label APIs"
 )]
 pub struct Config {
     /// Address to listen on (127.0.0.1 keeps the server local; use 0.0.0.0 to expose it).
     #[arg(long, env = "DEEPGROW_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
 
-    /// TCP port to listen on (AIAA clients default to 5000).
+    /// TCP port to listen on (AIAA clients default to 5000, MONAI Label clients to 8000).
     #[arg(long, env = "DEEPGROW_PORT", default_value_t = 5000)]
     pub port: u16,
 

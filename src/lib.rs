@@ -1,4 +1,4 @@
-//! deepgrow-server: a Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA HTTP API.
+//! deepgrow-server: a Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA and MONAI Label HTTP APIs.
 //!
 //! Data flows one way: HTTP ([`api`]) -> decode ([`nifti_io`]) -> pipeline ([`deepgrow`]) -> engine
 //! ([`engine`]) -> pipeline -> encode, with the whole click in [`annotate::annotate`].

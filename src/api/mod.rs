@@ -291,11 +291,12 @@ async fn index(State(state): State<SharedState>) -> Html<String> {
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>deepgrow-server</title></head><body>\
          <h1>deepgrow-server {}</h1>\
-         <p>A Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA API: point 3D Slicer's NvidiaAIAA \
-         plugin, MITK, OHIF or the AIAA Python client at this address.</p>\
+         <p>A Deepgrow 2D annotation server speaking the NVIDIA Clara AIAA and MONAI Label APIs: point 3D Slicer's \
+         NvidiaAIAA or MONAILabel extension, MITK, OHIF or either Python client at this address.</p>\
          <h2>Models</h2><ul>{models}</ul>\
          <h2>Endpoints</h2><ul><li>GET /v1/models</li><li>POST /v1/deepgrow, POST /v1/inference</li>\
-         <li>PUT /session/, GET /session/{{id}}, DELETE /session/{{id}}</li><li>GET /health</li></ul>\
+         <li>PUT /session/, GET /session/{{id}}, DELETE /session/{{id}}</li>\
+         <li>MONAI Label: GET /info/, POST /infer/{{model}}, GET /train/, GET /datastore/</li><li>GET /health</li></ul>\
          </body></html>",
         env!("CARGO_PKG_VERSION")
     ))

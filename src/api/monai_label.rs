@@ -154,9 +154,11 @@ async fn click_body(request: Request, limit: usize) -> Result<ClickBody, ApiErro
     let body = request.into_body();
     let bytes = match axum::body::to_bytes(body, MAX_TEXT_PART).await {
         Ok(bytes) => bytes,
-        Err(_) => return Err(ApiError::BadRequest(format!(
+        Err(_) => {
+            return Err(ApiError::BadRequest(format!(
             "a click body that is not multipart holds only 'params', at most {MAX_TEXT_PART} bytes"
-        ))),
+        )))
+        }
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(ClickBody::Params(None));
