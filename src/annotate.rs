@@ -10,13 +10,16 @@ use serde::Serialize;
 use crate::admission::Stages;
 use crate::deepgrow::{self, Clicks};
 use crate::error::ApiError;
+use crate::image::{self, Upload};
 use crate::models::Model;
-use crate::nifti_io::{self, DecodeLimits, FileBytes, MaskDtype, MaskFile, Volume};
+use crate::nifti_io::{self, DecodeLimits, Geometry, MaskDtype, MaskFile, Volume};
+use ndarray::Axis;
 
 /// Where the click's image comes from.
 pub enum ImageSource<'a> {
-    /// An uploaded file, whole in memory or arriving as a stream: only the clicked slice is decoded.
-    Upload(FileBytes<'a>),
+    /// An upload (a NIfTI file in memory or arriving as a stream, or a DICOM series): only the clicked slice
+    /// is decoded.
+    Upload(Upload<'a>),
     /// A session's decoded volume.
     Session(Arc<Volume>),
 }
@@ -70,6 +73,27 @@ fn millis_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
+/// The clicks in the volume's stored order: a client addresses the rows of a volume stored with reversed
+/// rows (a DICOM series, see `Geometry::rows_reversed`) in its images' own order.
+fn stored_clicks<'c>(clicks: &'c Clicks, geometry: &Geometry) -> Cow<'c, Clicks> {
+    if !geometry.rows_reversed {
+        return Cow::Borrowed(clicks);
+    }
+    // the voxel a coordinate falls in (truncated, as `choose_slice` reads it), counted from the other end
+    let last_row = geometry.shape[1] as f64 - 1.0;
+    let flip = |points: &[[f64; 3]]| -> Vec<[f64; 3]> {
+        points
+            .iter()
+            .map(|&[i, j, k]| [i, last_row - j.trunc(), k])
+            .collect()
+    };
+    Cow::Owned(Clicks {
+        foreground: flip(&clicks.foreground),
+        background: flip(&clicks.background),
+        slice: clicks.slice,
+    })
+}
+
 /// One click. `stages` says where its CPU stages run: the decode of an upload on a decode worker, the network
 /// on an inference worker.
 pub fn annotate(
@@ -89,8 +113,9 @@ pub fn annotate(
     let (geometry, was_compressed, guidance, slice) = match source {
         ImageSource::Upload(bytes) => {
             let (geometry, was_compressed, guidance, slice) = stages.decode(|| {
-                let file = nifti_io::open(bytes, limits)?;
-                let guidance = deepgrow::choose_slice(clicks, file.geometry().shape)?;
+                let file = image::open(bytes, limits)?;
+                let clicks = stored_clicks(clicks, file.geometry());
+                let guidance = deepgrow::choose_slice(&clicks, file.geometry().shape)?;
                 let geometry = file.geometry().clone();
                 let was_compressed = file.was_compressed();
                 let slice = file.read_slice(guidance.slice)?;
@@ -100,7 +125,8 @@ pub fn annotate(
         }
         ImageSource::Session(volume) => {
             session = volume;
-            let guidance = deepgrow::choose_slice(clicks, session.geometry.shape)?;
+            let clicks = stored_clicks(clicks, &session.geometry);
+            let guidance = deepgrow::choose_slice(&clicks, session.geometry.shape)?;
             let slice = session.slice_f32(guidance.slice);
             (
                 Cow::Borrowed(&session.geometry),
@@ -127,7 +153,14 @@ pub fn annotate(
     latencies.infer = millis_since(stage) - latencies.wait;
 
     let stage = Instant::now();
-    let mask = deepgrow::postprocess(logits.view(), &prepared.restore);
+    let mut mask = deepgrow::postprocess(logits.view(), &prepared.restore);
+    let reversed = geometry.rows_reversed;
+    // back into the order the client addresses the image in
+    let presented = geometry.as_presented();
+    if geometry.rows_reversed {
+        mask.invert_axis(Axis(1));
+    }
+    let geometry = presented;
     latencies.post = millis_since(stage);
 
     let stage = Instant::now();
@@ -165,10 +198,14 @@ pub fn annotate(
     latencies.write = millis_since(stage);
     latencies.total = millis_since(start);
 
+    let last_row = geometry.shape[1] as i64 - 1;
     let with_k = |points: &[[i64; 2]]| {
         points
             .iter()
-            .map(|p| [p[0], p[1], guidance.slice as i64])
+            .map(|p| {
+                let j = if reversed { last_row - p[1] } else { p[1] };
+                [p[0], j, guidance.slice as i64]
+            })
             .collect()
     };
     Ok(Annotation {
@@ -330,7 +367,7 @@ mod properties {
             let input = file(&case);
             let limits = DecodeLimits { max_decompressed_bytes: 1 << 30 };
             let options = OutputOptions { format: Some(MaskFormat::Nifti), dtype: MaskDtype::U8 };
-            let result = annotate(&model, ImageSource::Upload(FileBytes::Memory(&input)), &clicks, options, limits, &Inline);
+            let result = annotate(&model, ImageSource::Upload(Upload::Nifti(crate::nifti_io::FileBytes::Memory(&input))), &clicks, options, limits, &Inline);
             // The contract of `choose_slice`: some click, every click inside the volume, and an explicit
             // slice inside the volume with a click on it.
             let all: Vec<_> = case.foreground.iter().chain(&case.background).collect();

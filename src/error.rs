@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::deepgrow::DeepgrowError;
+use crate::dicom::DicomError;
 use crate::engine::EngineError;
 use crate::nifti_io::NiftiError;
 
@@ -17,6 +18,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error(transparent)]
     Nifti(#[from] NiftiError),
+    #[error(transparent)]
+    Dicom(#[from] DicomError),
     #[error(transparent)]
     Deepgrow(#[from] DeepgrowError),
     #[error("{0}")]
@@ -57,9 +60,12 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::NoImage | ApiError::InvalidField(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::Nifti(NiftiError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Nifti(NiftiError::TooLarge { .. })
+            | ApiError::Dicom(DicomError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Deepgrow(e) if !e.is_client_error() => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Nifti(_) | ApiError::Deepgrow(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Nifti(_) | ApiError::Dicom(_) | ApiError::Deepgrow(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnknownModel(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::WrongModelType(_) => StatusCode::BAD_REQUEST,
@@ -79,7 +85,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "BadRequest",
-            ApiError::Nifti(_) => "InvalidImage",
+            ApiError::Nifti(_) | ApiError::Dicom(_) => "InvalidImage",
             ApiError::Deepgrow(_) => "InvalidClicks",
             ApiError::PayloadTooLarge(_) => "PayloadTooLarge",
             ApiError::UnknownModel(_) => "ModelNotFound",

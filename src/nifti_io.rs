@@ -19,6 +19,18 @@ use nifti::{Endianness, NiftiHeader};
 const HEADER_SIZE: usize = 348;
 /// Header plus the 4-byte extension flag: where voxel data starts in a single-file `.nii` without extensions.
 const MIN_SINGLE_FILE_OFFSET: usize = 352;
+
+/// Writes a number's bytes into a buffer at an offset, in the given byte order.
+macro_rules! put_ordered {
+    ($buffer:expr, $at:expr, $value:expr, $big_endian:expr) => {{
+        let bytes = if $big_endian {
+            $value.to_be_bytes()
+        } else {
+            $value.to_le_bytes()
+        };
+        $buffer[$at..$at + bytes.len()].copy_from_slice(&bytes);
+    }};
+}
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Why an uploaded file could not be used as a volume. Every variant is the client's problem (4xx).
@@ -156,8 +168,146 @@ pub struct Geometry {
     pub shape: [usize; 3],
     /// nibabel's best affine (sform, else qform, else the pixdim fallback), voxel index -> world mm.
     pub affine: [[f64; 4]; 4],
+    /// The volume's j runs against the rows of the images it was read from (a DICOM series, stored as its
+    /// NIfTI conversion is): clients address and get back voxels in the images' own order.
+    pub rows_reversed: bool,
     raw_header: Box<[u8; HEADER_SIZE]>,
     endianness: Endianness,
+}
+
+impl Geometry {
+    /// The geometry of a volume that came without a NIfTI header (a DICOM series): a little-endian NIfTI-1
+    /// header with this shape and affine as both its sform and (for the rotation part, which must be
+    /// orthonormal) its qform, both "scanner" coded, so that masks written for it carry the same world
+    /// geometry. `datatype` and `bitpix` are the NIfTI codes of the stored voxels.
+    pub fn from_affine(
+        shape: [usize; 3],
+        affine: [[f64; 4]; 4],
+        datatype: i16,
+        bitpix: i16,
+    ) -> Geometry {
+        let mut header = Box::new([0u8; HEADER_SIZE]);
+        put_ordered!(header, 0, HEADER_SIZE as i32, false);
+        let dims = [3, shape[0], shape[1], shape[2], 1, 1, 1, 1];
+        for (n, d) in dims.iter().enumerate() {
+            let d = i16::try_from(*d).unwrap_or(i16::MAX);
+            put_ordered!(header, 40 + 2 * n, d, false);
+        }
+        put_ordered!(header, 70, datatype, false);
+        put_ordered!(header, 72, bitpix, false);
+        let column = |c: usize| [affine[0][c], affine[1][c], affine[2][c]];
+        let norm = |v: [f64; 3]| (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
+        let spacing = [norm(column(0)), norm(column(1)), norm(column(2))];
+        let (quaternion, qfac) = rotation_quaternion(&affine, spacing);
+        put_ordered!(header, 76, qfac as f32, false);
+        for (n, s) in spacing.iter().enumerate() {
+            put_ordered!(header, 80 + 4 * n, *s as f32, false);
+        }
+        put_ordered!(header, 108, MIN_SINGLE_FILE_OFFSET as f32, false);
+        put_ordered!(header, 112, 1.0f32, false); // scl_slope: the voxels are stored as they are meant
+        header[123] = 2; // xyzt_units: millimetres
+        put_ordered!(header, 252, 1i16, false); // qform_code: scanner
+        put_ordered!(header, 254, 1i16, false); // sform_code: scanner
+        for (n, q) in quaternion.iter().enumerate() {
+            put_ordered!(header, 256 + 4 * n, *q as f32, false);
+        }
+        for axis in 0..3 {
+            put_ordered!(header, 268 + 4 * axis, affine[axis][3] as f32, false); // qoffset
+            for c in 0..4 {
+                put_ordered!(
+                    header,
+                    280 + 16 * axis + 4 * c,
+                    affine[axis][c] as f32,
+                    false
+                );
+            }
+        }
+        header[344..348].copy_from_slice(b"n+1\0");
+        Geometry {
+            shape,
+            affine,
+            rows_reversed: false,
+            raw_header: header,
+            endianness: Endianness::Little,
+        }
+    }
+
+    /// The geometry clients see: with [`Self::rows_reversed`], j runs the other way (and the affine with it).
+    pub fn as_presented(&self) -> std::borrow::Cow<'_, Geometry> {
+        if !self.rows_reversed {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut affine = self.affine;
+        let last_row = (self.shape[1].max(1) - 1) as f64;
+        for row in affine.iter_mut().take(3) {
+            row[3] += row[1] * last_row;
+            row[1] = -row[1];
+        }
+        let [datatype, bitpix] =
+            [70, 72].map(|at| i16::from_le_bytes([self.raw_header[at], self.raw_header[at + 1]]));
+        std::borrow::Cow::Owned(Geometry::from_affine(self.shape, affine, datatype, bitpix))
+    }
+}
+
+/// NIfTI's quaternion (b, c, d) and qfac of the rotation part of `affine` (nifti_mat44_to_quatern).
+fn rotation_quaternion(affine: &[[f64; 4]; 4], spacing: [f64; 3]) -> ([f64; 3], f64) {
+    let mut r = [[0.0f64; 3]; 3];
+    for row in 0..3 {
+        for c in 0..3 {
+            r[row][c] = if spacing[c] > 0.0 {
+                affine[row][c] / spacing[c]
+            } else {
+                f64::from(u8::from(row == c))
+            };
+        }
+    }
+    let determinant = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let qfac = if determinant < 0.0 { -1.0 } else { 1.0 };
+    if qfac < 0.0 {
+        for row in &mut r {
+            row[2] = -row[2];
+        }
+    }
+    let trace = r[0][0] + r[1][1] + r[2][2] + 1.0;
+    let (a, b, c, d);
+    if trace > 0.5 {
+        let root = trace.sqrt();
+        a = 0.5 * root;
+        b = 0.25 * (r[2][1] - r[1][2]) / a;
+        c = 0.25 * (r[0][2] - r[2][0]) / a;
+        d = 0.25 * (r[1][0] - r[0][1]) / a;
+    } else {
+        let xd = 1.0 + r[0][0] - (r[1][1] + r[2][2]);
+        let yd = 1.0 + r[1][1] - (r[0][0] + r[2][2]);
+        let zd = 1.0 + r[2][2] - (r[0][0] + r[1][1]);
+        if xd > 1.0 {
+            let bb = 0.5 * xd.sqrt();
+            b = bb;
+            c = 0.25 * (r[0][1] + r[1][0]) / bb;
+            d = 0.25 * (r[0][2] + r[2][0]) / bb;
+            a = 0.25 * (r[2][1] - r[1][2]) / bb;
+        } else if yd > 1.0 {
+            let cc = 0.5 * yd.sqrt();
+            c = cc;
+            b = 0.25 * (r[0][1] + r[1][0]) / cc;
+            d = 0.25 * (r[1][2] + r[2][1]) / cc;
+            a = 0.25 * (r[0][2] - r[2][0]) / cc;
+        } else {
+            let dd = 0.5 * zd.sqrt();
+            d = dd;
+            b = 0.25 * (r[0][2] + r[2][0]) / dd;
+            c = 0.25 * (r[1][2] + r[2][1]) / dd;
+            a = 0.25 * (r[1][0] - r[0][1]) / dd;
+        }
+    }
+    // a >= 0 by convention: (b, c, d) then determine it
+    if a < 0.0 {
+        ([-b, -c, -d], qfac)
+    } else {
+        ([b, c, d], qfac)
+    }
 }
 
 /// A decoded 3D scalar volume.
@@ -273,6 +423,7 @@ pub fn open(bytes: FileBytes<'_>, limits: DecodeLimits) -> Result<NiftiFile<'_>,
         geometry: Geometry {
             shape: header.shape,
             affine: header.affine,
+            rows_reversed: false,
             raw_header,
             endianness: header.endianness,
         },
@@ -792,18 +943,6 @@ impl MaskDtype {
             MaskDtype::U16 => 2,
         }
     }
-}
-
-/// Writes a number's bytes into a buffer at an offset, in the given byte order.
-macro_rules! put_ordered {
-    ($buffer:expr, $at:expr, $value:expr, $big_endian:expr) => {{
-        let bytes = if $big_endian {
-            $value.to_be_bytes()
-        } else {
-            $value.to_le_bytes()
-        };
-        $buffer[$at..$at + bytes.len()].copy_from_slice(&bytes);
-    }};
 }
 
 /// A mask file as the chunks it is sent in: the runs of zeros before and after the clicked slice are shared

@@ -14,6 +14,7 @@ use super::SharedState;
 use crate::admission::{off_runtime, ClickTickets};
 use crate::annotate::{annotate, Annotation, ImageSource};
 use crate::error::ApiError;
+use crate::image::{Format, Upload};
 use crate::models::Model;
 use crate::nifti_io::{FileBytes, MaskFile};
 
@@ -108,6 +109,14 @@ pub async fn click(
     }
     let limits = state.decode_limits;
     let session_id = session_id.filter(|id| !id.is_empty());
+    let image = match (session_id, image) {
+        (None, Some(mut part)) => {
+            let format = part.format().await?;
+            Some((part, format))
+        }
+        // a session wins: the file is read and dropped, whatever it is
+        (_, part) => part.map(|part| (part, Format::Nifti)),
+    };
     let (annotation, label) = match (session_id, image, body) {
         (Some(id), image, body) => {
             drop(image);
@@ -137,7 +146,7 @@ pub async fn click(
         }
         // The params came first (as every client sends them): the upload is decoded while it arrives, and
         // only as far as the clicked slice.
-        (None, Some(part), ClickBody::Form(form)) if form.params().is_some() => {
+        (None, Some((part, Format::Nifti)), ClickBody::Form(form)) if form.params().is_some() => {
             let params = DeepgrowParams::parse(form.params())?;
             let decode = state.decode_pool.admit()?;
             // the reader takes decode workers as the bytes arrive
@@ -145,7 +154,8 @@ pub async fn click(
             let (reader, pump) = part.pipe(decode);
             let label = params.label.clone();
             let job = off_runtime(move || {
-                let source = ImageSource::Upload(FileBytes::Stream(Box::new(reader)));
+                let source =
+                    ImageSource::Upload(Upload::Nifti(FileBytes::Stream(Box::new(reader))));
                 annotate(
                     &model,
                     source,
@@ -162,9 +172,9 @@ pub async fn click(
             (annotation?, label)
         }
         // The params come after the file: the file is buffered (against the in-flight budget) until they do.
-        (None, Some(part), ClickBody::Form(form)) => {
+        (None, Some((part, Format::Nifti)), ClickBody::Form(form)) => {
             let mut reservation = state.budget.empty();
-            let bytes = form.buffer(part, &mut reservation).await?;
+            let bytes = form.buffer(part, &mut reservation, 0).await?;
             form.finish().await?;
             let params = DeepgrowParams::parse(form.params())?;
             let tickets =
@@ -172,7 +182,31 @@ pub async fn click(
             let label = params.label.clone();
             let annotation = off_runtime(move || {
                 let _held = reservation;
-                let source = ImageSource::Upload(FileBytes::Memory(&bytes));
+                let source = ImageSource::Upload(Upload::Nifti(FileBytes::Memory(&bytes)));
+                annotate(
+                    &model,
+                    source,
+                    &params.clicks,
+                    params.output,
+                    limits,
+                    &tickets,
+                )
+            })
+            .await?;
+            (annotation, label)
+        }
+        // A DICOM series (its instances as parts, or a zip): buffered whole, then only the clicked slice's
+        // frame is decoded.
+        (None, Some((part, _)), ClickBody::Form(form)) => {
+            let mut reservation = state.budget.empty();
+            let files = form.buffer_series(part, &mut reservation).await?;
+            let params = DeepgrowParams::parse(form.params())?;
+            let tickets =
+                ClickTickets::new(Some(state.decode_pool.admit()?), state.infer_pool.admit()?);
+            let label = params.label.clone();
+            let annotation = off_runtime(move || {
+                let _held = reservation;
+                let source = ImageSource::Upload(Upload::Dicom(files));
                 annotate(
                     &model,
                     source,

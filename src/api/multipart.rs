@@ -4,6 +4,7 @@
 //! at the first boundary (no preamble), a `params` JSON part without a filename, then exactly one file part
 //! with a quoted filename and an octet-stream type.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::{Reservation, Ticket, SMALL_REQUEST_BYTES};
 use crate::error::ApiError;
+use crate::image::{sniff, Format, SNIFF_BYTES};
 use crate::nifti_io::MaskFile;
 
 fn multipart_error(error: multer::Error) -> ApiError {
@@ -92,6 +94,8 @@ pub struct UploadForm {
     content_length: Option<u64>,
     params: Option<String>,
     images: usize,
+    /// Whether more than one image part is taken (the instances of a DICOM series).
+    many_images: bool,
     /// The names of the parts read so far (the first few), to tell the clients apart.
     field_names: Vec<String>,
 }
@@ -101,6 +105,8 @@ pub struct ImagePart {
     /// The client's file name without its directories (clients send full local paths).
     pub name: String,
     field: Field<'static>,
+    /// Chunks read to sniff the format, handed on before the rest.
+    prefix: VecDeque<Bytes>,
 }
 
 impl UploadForm {
@@ -138,6 +144,7 @@ impl UploadForm {
             content_length,
             params: None,
             images: 0,
+            many_images: false,
             field_names: Vec::new(),
         })
     }
@@ -172,9 +179,9 @@ impl UploadForm {
                 continue;
             }
             self.images += 1;
-            if self.images > 1 {
+            if self.images > 1 && !self.many_images {
                 return Err(ApiError::BadRequest(format!(
-                    "expected exactly one image file, got a second part '{name}' (multi-file DICOM uploads are not supported; send one NIfTI volume)"
+                    "expected one image file, got a second part '{name}' after a NIfTI volume (several parts are taken only as the instances of one DICOM series)"
                 )));
             }
             let base_name = file_name
@@ -185,6 +192,7 @@ impl UploadForm {
             return Ok(Some(ImagePart {
                 name: base_name,
                 field,
+                prefix: VecDeque::new(),
             }));
         }
         Ok(None)
@@ -197,6 +205,28 @@ impl UploadForm {
         debug_assert!(more.is_none(), "next_image refuses a second image part");
         self.drain_epilogue().await;
         Ok(())
+    }
+
+    /// Buffers `first` and every image part after it (the instances of a DICOM series, or a zip of them),
+    /// all held against the in-flight budget, then reads the rest of the form.
+    pub async fn buffer_series(
+        &mut self,
+        first: ImagePart,
+        reservation: &mut Reservation,
+    ) -> Result<Vec<(String, Bytes)>, ApiError> {
+        self.many_images = true;
+        let mut held = 0;
+        let mut files = Vec::new();
+        let mut next = Some(first);
+        while let Some(part) = next {
+            let name = part.name.clone();
+            let bytes = self.buffer(part, reservation, held).await?;
+            held += bytes.len();
+            files.push((name, bytes));
+            next = self.next_image().await?;
+        }
+        self.drain_epilogue().await;
+        Ok(files)
     }
 
     /// Reads whatever is left of the body and drops it (see [`drain`]); for replies to refused requests.
@@ -220,24 +250,29 @@ impl UploadForm {
     }
 
     /// Buffers an image part whole, its bytes held against the in-flight budget (reserved up front from the
-    /// Content-Length when the client sent one, else as they arrive).
+    /// Content-Length when the client sent one, else as they arrive), beside `held` bytes already buffered
+    /// under the same reservation.
     pub async fn buffer(
         &self,
         mut part: ImagePart,
         reservation: &mut Reservation,
+        held: usize,
     ) -> Result<Bytes, ApiError> {
         let hint = self.content_length.unwrap_or(0);
         if hint > SMALL_REQUEST_BYTES as u64 {
             reservation.grow_to(hint).await?;
         }
-        let mut buffer = BytesMut::with_capacity(reservation.bytes() as usize);
-        while let Some(chunk) = part.field.chunk().await.map_err(multipart_error)? {
+        // the first part may take the whole reservation (one copy for a single file); later ones grow
+        let start = (reservation.bytes() as usize).saturating_sub(held);
+        let mut buffer = BytesMut::with_capacity(if held == 0 { start } else { 0 });
+        while let Some(chunk) = part.next_chunk().await? {
             let needed = buffer.len() + chunk.len();
             if needed > buffer.capacity() {
                 // doubling, but never past the whole budget while what is needed would still fit it
-                let grown = needed.max((buffer.capacity() * 2).min(reservation.limit() as usize));
-                if grown > SMALL_REQUEST_BYTES {
-                    reservation.grow_to(grown as u64).await?;
+                let room = (reservation.limit() as usize).saturating_sub(held);
+                let grown = needed.max((buffer.capacity() * 2).min(room));
+                if held + grown > SMALL_REQUEST_BYTES {
+                    reservation.grow_to((held + grown) as u64).await?;
                 }
                 buffer.reserve(grown - buffer.len());
             }
@@ -248,6 +283,31 @@ impl UploadForm {
 }
 
 impl ImagePart {
+    /// The part's format, from its first bytes (which are kept and handed on first).
+    pub async fn format(&mut self) -> Result<Format, ApiError> {
+        let mut seen = BytesMut::new();
+        for chunk in &self.prefix {
+            seen.extend_from_slice(chunk);
+        }
+        while seen.len() < SNIFF_BYTES {
+            match self.field.chunk().await.map_err(multipart_error)? {
+                Some(chunk) => {
+                    seen.extend_from_slice(&chunk);
+                    self.prefix.push_back(chunk);
+                }
+                None => break,
+            }
+        }
+        Ok(sniff(&seen))
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ApiError> {
+        match self.prefix.pop_front() {
+            Some(chunk) => Ok(Some(chunk)),
+            None => self.field.chunk().await.map_err(multipart_error),
+        }
+    }
+
     /// Hands the part to a blocking reader as it arrives. The returned future forwards the chunks (the reader
     /// applies back-pressure through a small channel) and, once the reader is dropped, reads the rest of the
     /// part without keeping it; it ends with the part, or with the body's error.
@@ -264,7 +324,7 @@ impl ImagePart {
         let (sender, receiver) = mpsc::channel::<Bytes>(PIPE_CHUNKS);
         let pump = async move {
             let mut sender = Some(sender);
-            while let Some(chunk) = self.field.chunk().await.map_err(multipart_error)? {
+            while let Some(chunk) = self.next_chunk().await? {
                 if let Some(open) = &sender {
                     if open.send(chunk).await.is_err() {
                         sender = None;

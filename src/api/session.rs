@@ -16,7 +16,8 @@ use super::multipart::{content_type, drain, UploadForm};
 use super::SharedState;
 use crate::admission::off_runtime;
 use crate::error::{ApiError, FieldError};
-use crate::nifti_io::{self, FileBytes};
+use crate::image::{self, Format, Upload};
+use crate::nifti_io::FileBytes;
 use crate::sessions::SessionError;
 
 #[derive(Debug, Deserialize)]
@@ -103,21 +104,36 @@ async fn create_from_form(
             ))
         }
     };
+    let mut part = part;
     let name = part.name.clone();
-    // the reader takes decode workers as the bytes arrive
-    let (reader, pump) = part.pipe(state.decode_pool.admit()?);
     let limits = state.decode_limits;
     let decoder_state = state.clone();
-    let job = off_runtime(move || {
-        let file = nifti_io::open(FileBytes::Stream(Box::new(reader)), limits)?;
+    let decode = move |upload: Upload<'_>| {
+        let file = image::open(upload, limits)?;
         let held = decoder_state.budget.reserve_blocking(file.volume_bytes())?;
-        Ok((file.read_volume()?, held))
-    });
-    let (pumped, decoded) = tokio::join!(pump, job);
-    // A broken upload explains a failed decode better than the decode does.
-    pumped?;
-    form.finish().await?;
-    let (volume, _held) = decoded?;
+        Ok::<_, ApiError>((file.read_volume()?, held))
+    };
+    let (volume, _held) = if part.format().await? == Format::Nifti {
+        // the reader takes decode workers as the bytes arrive
+        let (reader, pump) = part.pipe(state.decode_pool.admit()?);
+        let job = off_runtime(move || decode(Upload::Nifti(FileBytes::Stream(Box::new(reader)))));
+        let (pumped, decoded) = tokio::join!(pump, job);
+        // A broken upload explains a failed decode better than the decode does.
+        pumped?;
+        form.finish().await?;
+        decoded?
+    } else {
+        // a DICOM series (OHIF's image0..N parts, MONAI Label's several `files`, or a zip): buffered, then
+        // decoded whole on a decode worker
+        let mut reservation = state.budget.empty();
+        let files = form.buffer_series(part, &mut reservation).await?;
+        let worker = state.decode_pool.admit()?;
+        off_runtime(move || {
+            let _held = reservation;
+            worker.work(|| decode(Upload::Dicom(files)))
+        })
+        .await??
+    };
     let (id, info) = state
         .sessions
         .create(Arc::new(volume), name, expiry)

@@ -1,0 +1,8 @@
+//! DICOM in: series of instances (uploaded, zipped, or fetched from a PACS) read into the same [`Volume`]
+//! the NIfTI path yields, so that sessions, the pipeline and masks stay as they are.
+//!
+//! [`Volume`]: crate::nifti_io::Volume
+
+pub mod series;
+
+pub use series::{open_series, DicomError, DicomFile, Series};

@@ -1,0 +1,355 @@
+//! DICOM through the HTTP APIs, with each client's framing: OHIF v2's multi-instance session upload (`image0..N`,
+//! `params` = null), DICOM parts on `POST /v1/deepgrow`, a zip, MONAI Label's several `files`, and every
+//! transfer syntax. Each click on the series gives the same mask as the same click on its NIfTI conversion
+//! (whose rows run the other way), on the bundled model.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use deepgrow_server::nifti_io::{self, VoxelData};
+
+const MODEL: &str = "deepgrow_2d";
+const SERIES: &str = "tests/fixtures/dicom/ct_series_j2k";
+/// The slice of the series that the NIfTI fixture holds.
+const K: usize = 10;
+const LIVER_LABEL: u8 = 5;
+
+fn series_files() -> &'static Vec<(String, Vec<u8>)> {
+    static FILES: OnceLock<Vec<(String, Vec<u8>)>> = OnceLock::new();
+    FILES.get_or_init(|| {
+        (0..20)
+            .map(|k| {
+                let name = format!("image_{k}.dcm");
+                (name, read_fixture(&format!("{SERIES}/slice_{k:02}.dcm")))
+            })
+            .collect()
+    })
+}
+
+/// A liver voxel near the liver's centroid on the NIfTI slice, as `[i, j]` of the NIfTI (j reversed from DICOM).
+fn liver_in_nifti() -> [usize; 2] {
+    let label = nifti_io::decode(
+        &read_fixture("tests/fixtures/dicom/totalseg_example_ct_dicom_slice10_label.nii.gz"),
+        LIMITS,
+    )
+    .unwrap();
+    let VoxelData::U8(values) = &label.data else {
+        panic!("uint8 label")
+    };
+    let liver: Vec<[usize; 2]> = (0..512)
+        .flat_map(|j| (0..512).map(move |i| [i, j]))
+        .filter(|&[i, j]| values[i + 512 * j] == LIVER_LABEL)
+        .collect();
+    assert!(liver.len() > 1000, "liver on the fixture slice");
+    let mean = |a: usize| liver.iter().map(|p| p[a] as f64).sum::<f64>() / liver.len() as f64;
+    let (ci, cj) = (mean(0), mean(1));
+    *liver
+        .iter()
+        .min_by(|a, b| {
+            let d = |p: &[usize; 2]| (p[0] as f64 - ci).powi(2) + (p[1] as f64 - cj).powi(2);
+            d(a).total_cmp(&d(b))
+        })
+        .unwrap()
+}
+
+fn nrrd_params(i: usize, j: usize, k: usize) -> String {
+    format!(
+        r#"{{"foreground":[[{i},{j},{k}]],"background":[],"current_point":[[{i},{j},{k}]],"result_extension":".nrrd","result_dtype":"uint16","result_compress":true}}"#
+    )
+}
+
+/// The mask's non-zero `[i, j]` on slice `k` of an NRRD reply (uint16 or uint8), checking it is zero elsewhere.
+fn mask_pixels(nrrd: &Nrrd, shape: [usize; 3], k: usize) -> Vec<[usize; 2]> {
+    let sizes = format!("{} {} {}", shape[0], shape[1], shape[2]);
+    assert_eq!(nrrd.field("sizes"), sizes);
+    let values: Vec<u16> = match nrrd.field("type") {
+        "uint16" => nrrd
+            .data
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect(),
+        "uint8" => nrrd.data.iter().map(|&v| u16::from(v)).collect(),
+        other => panic!("NRRD type {other}"),
+    };
+    nonzero_voxels(&values, shape, k)
+        .into_iter()
+        .map(|[i, j, _]| [i, j])
+        .collect()
+}
+
+/// The NIfTI reference: the click on the NIfTI conversion's slice, its mask's pixels in DICOM's row order.
+fn nifti_reference() -> &'static Vec<[usize; 2]> {
+    static MASK: OnceLock<Vec<[usize; 2]>> = OnceLock::new();
+    MASK.get_or_init(|| {
+        let addr = real_server().addr;
+        let [i, j] = liver_in_nifti();
+        let nifti = read_fixture("tests/fixtures/dicom/totalseg_example_ct_dicom_slice10.nii.gz");
+        let reply = send(
+            addr,
+            python_request(
+                addr,
+                "POST",
+                &format!("/v1/deepgrow?model={MODEL}&output=image"),
+                &[
+                    text_part("params", &nrrd_params(i, j, 0)),
+                    file_part("datapoint", "slice10.nii.gz", &nifti),
+                ],
+            ),
+        );
+        let mask = mask_pixels(&parse_nrrd(&reply.ok().body), [512, 512, 1], 0);
+        assert!(
+            mask.len() > 500,
+            "the model segments the liver: {} pixels",
+            mask.len()
+        );
+        mask.into_iter().map(|[i, j]| [i, 511 - j]).collect()
+    })
+}
+
+fn assert_same_mask(got: &[[usize; 2]], what: &str) {
+    let reference = nifti_reference();
+    let both = got.iter().filter(|p| reference.contains(p)).count();
+    let dice = 2.0 * both as f64 / (got.len() + reference.len()) as f64;
+    eprintln!(
+        "{what}: Dice {dice:.4} against the NIfTI click ({} vs {} pixels)",
+        got.len(),
+        reference.len()
+    );
+    assert!(dice >= 0.99, "{what}: Dice {dice:.4}");
+}
+
+/// The liver click in DICOM's voxel order.
+fn dicom_click() -> [usize; 2] {
+    let [i, j] = liver_in_nifti();
+    [i, 511 - j]
+}
+
+#[test]
+fn ohif_v2_session_of_dicom_instances() {
+    let addr = real_server().addr;
+    // OHIF v2's AIAA upload: params = null, then image0..image19 named image_<i>.dcm.
+    let mut parts = vec![text_part("params", "null")];
+    for (n, (name, bytes)) in series_files().iter().enumerate() {
+        let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
+        parts.push(file_part(field, name, bytes));
+    }
+    let reply = send(
+        addr,
+        browser_request(addr, "PUT", "/session/?expiry=600&save_as=.nii", &parts),
+    );
+    let session = reply.ok().json();
+    assert_eq!(
+        session["session_info"]["meta"]["shape"],
+        serde_json::json!([512, 512, 20])
+    );
+    let id = session["session_id"].as_str().unwrap();
+    let [i, j] = dicom_click();
+    let click = send(
+        addr,
+        browser_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}&session_id={id}&output=image"),
+            &[text_part("params", &nrrd_params(i, j, K))],
+        ),
+    );
+    // OHIF v2 overwrites frame z of its stack (in position order) with slice z: only slice K is set.
+    let nrrd = parse_nrrd(&click.ok().body);
+    assert_eq!(nrrd.field("type"), "uint16");
+    assert_same_mask(&mask_pixels(&nrrd, [512, 512, 20], K), "OHIF v2 session");
+}
+
+#[test]
+fn dicom_parts_and_a_zip_on_a_click() {
+    let addr = real_server().addr;
+    let [i, j] = dicom_click();
+    let params = nrrd_params(i, j, K);
+    let mut parts = vec![text_part("params", &params)];
+    for (n, (name, bytes)) in series_files().iter().enumerate() {
+        let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
+        parts.push(file_part(field, name, bytes));
+    }
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}&output=image"),
+            &parts,
+        ),
+    );
+    assert_same_mask(
+        &mask_pixels(&parse_nrrd(&reply.ok().body), [512, 512, 20], K),
+        "DICOM parts",
+    );
+
+    // curl -F image=@series.zip
+    let mut archive = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (name, bytes) in series_files() {
+        archive.start_file(format!("CT/{name}"), options).unwrap();
+        std::io::Write::write_all(&mut archive, bytes).unwrap();
+    }
+    let zipped = archive.finish().unwrap().into_inner();
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}&output=image"),
+            &[
+                text_part("params", &params),
+                file_part("image", "series.zip", &zipped),
+            ],
+        ),
+    );
+    assert_same_mask(
+        &mask_pixels(&parse_nrrd(&reply.ok().body), [512, 512, 20], K),
+        "zip",
+    );
+}
+
+#[test]
+fn monai_label_session_of_several_files() {
+    let addr = real_server().addr;
+    let mut parts = vec![text_part("client_id", "user-xyz")];
+    for (name, bytes) in series_files() {
+        parts.push(Part {
+            name: "files",
+            filename: Some(name),
+            content_type: None,
+            data: bytes,
+        });
+    }
+    let reply = send(addr, python_request(addr, "PUT", "/session/", &parts));
+    let id = reply.ok().json()["session_id"].as_str().unwrap().to_owned();
+    let [i, j] = dicom_click();
+    let params = format!(
+        r#"{{"foreground":[[{i},{j},{K}]],"background":[],"slice":{K},"result_extension":".nrrd","result_dtype":"uint8"}}"#
+    );
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/infer/{MODEL}?session_id={id}&output=image"),
+            &[text_part("params", &params)],
+        ),
+    );
+    let nrrd = parse_nrrd(&reply.ok().body);
+    assert_eq!(
+        nrrd.data.len(),
+        512 * 512 * 20,
+        "OHIF v3 copies the bytes 1:1"
+    );
+    assert_same_mask(
+        &mask_pixels(&nrrd, [512, 512, 20], K),
+        "MONAI Label session",
+    );
+}
+
+#[test]
+fn every_transfer_syntax_gives_the_nifti_mask() {
+    let addr = real_server().addr;
+    let [i, j] = dicom_click();
+    for name in [
+        "implicit_le",
+        "explicit_le",
+        "explicit_be",
+        "deflated",
+        "rle",
+        "jpeg_ls14sv1",
+        "jpeg_ls14",
+        "j2k_lossy",
+    ] {
+        let file = format!("slice10_{name}.dcm");
+        let bytes = read_fixture(&format!("tests/fixtures/dicom/transfer_syntaxes/{file}"));
+        let reply = send(
+            addr,
+            python_request(
+                addr,
+                "POST",
+                &format!("/v1/deepgrow?model={MODEL}&output=image"),
+                &[
+                    text_part("params", &nrrd_params(i, j, 0)),
+                    file_part("datapoint", &file, &bytes),
+                ],
+            ),
+        );
+        reply.ok();
+        assert_same_mask(
+            &mask_pixels(&parse_nrrd(&reply.body), [512, 512, 1], 0),
+            name,
+        );
+    }
+    let name = "slice10_jpegls.dcm";
+    let jpegls = read_fixture(&format!("tests/fixtures/dicom/transfer_syntaxes/{name}"));
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}"),
+            &[
+                text_part("params", &nrrd_params(i, j, 0)),
+                file_part("datapoint", name, &jpegls),
+            ],
+        ),
+    );
+    assert_aiaa_error(&reply, 422, "1.2.840.10008.1.2.4.80");
+}
+
+#[test]
+fn bad_dicom_uploads_get_422_with_the_reason() {
+    let addr = real_server().addr;
+    let [i, j] = dicom_click();
+    let params = nrrd_params(i, j, K);
+    let click = |files: &[(&str, &[u8])]| {
+        let mut parts = vec![text_part("params", &params)];
+        for (n, (name, bytes)) in files.iter().enumerate() {
+            let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
+            parts.push(file_part(field, name, bytes));
+        }
+        send(
+            addr,
+            python_request(addr, "POST", &format!("/v1/deepgrow?model={MODEL}"), &parts),
+        )
+    };
+    let other = read_fixture("tests/fixtures/dicom/other_series_ct_small.dcm");
+    let first = &series_files()[0].1;
+    assert_aiaa_error(
+        &click(&[("a.dcm", first), ("b.dcm", &other)]),
+        422,
+        "2 series",
+    );
+    let colour = read_fixture("tests/fixtures/dicom/colour_rgb.dcm");
+    assert_aiaa_error(&click(&[("rgb.dcm", &colour)]), 422, "colour");
+    // a DICOM upload followed by something that is not DICOM
+    assert_aiaa_error(
+        &click(&[("a.dcm", first), ("notes.txt", b"not an image")]),
+        422,
+        "notes.txt",
+    );
+    // a session upload in MONAI Label's form gets the reason as FastAPI's detail
+    let reply = send(
+        addr,
+        python_request(
+            addr,
+            "PUT",
+            "/session/",
+            &[
+                text_part("client_id", "user-xyz"),
+                file_part("files", "a.dcm", first),
+                file_part("files", "rgb.dcm", &colour),
+            ],
+        ),
+    );
+    assert_eq!(reply.status, 422);
+    assert!(
+        reply.json()["detail"].as_str().unwrap().contains("series"),
+        "{}",
+        reply.text()
+    );
+}
