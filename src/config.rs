@@ -128,6 +128,28 @@ pub struct Config {
     )]
     pub cors_origins: Vec<String>,
 
+    /// DICOMweb root of the PACS the viewers display (QIDO-RS and WADO-RS under it), e.g.
+    /// `http://pacs:8042/dicom-web`: OHIF v3 names a series (`image=<SeriesInstanceUID>`) and the server
+    /// fetches it from there, once per series while it stays cached.
+    #[arg(long, env = "DEEPGROW_DICOMWEB_URL")]
+    pub dicomweb_url: Option<String>,
+
+    /// `Authorization` header value sent to the DICOMweb server (`Bearer <token>`, `Basic <base64>`).
+    #[arg(long, env = "DEEPGROW_DICOMWEB_AUTH", hide_env_values = true)]
+    pub dicomweb_auth: Option<String>,
+
+    /// Seconds to connect to a PACS.
+    #[arg(long, env = "DEEPGROW_PACS_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
+    pub pacs_connect_timeout: Duration,
+
+    /// Seconds a whole retrieval of a series from a PACS may take.
+    #[arg(long, env = "DEEPGROW_PACS_TIMEOUT", default_value = "120", value_parser = parse_seconds)]
+    pub pacs_timeout: Duration,
+
+    /// Most instances one series fetched from a PACS may have (its bytes are bounded by --max-upload-bytes).
+    #[arg(long, env = "DEEPGROW_PACS_MAX_INSTANCES", default_value_t = 5000)]
+    pub pacs_max_instances: usize,
+
     /// Log format.
     #[arg(long, env = "DEEPGROW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

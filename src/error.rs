@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::deepgrow::DeepgrowError;
-use crate::dicom::DicomError;
+use crate::dicom::{DicomError, PeerError};
 use crate::engine::EngineError;
 use crate::nifti_io::NiftiError;
 
@@ -20,6 +20,8 @@ pub enum ApiError {
     Nifti(#[from] NiftiError),
     #[error(transparent)]
     Dicom(#[from] DicomError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     #[error(transparent)]
     Deepgrow(#[from] DeepgrowError),
     #[error("{0}")]
@@ -78,6 +80,9 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Peer(e) => {
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
         }
     }
 
@@ -100,6 +105,8 @@ impl ApiError {
             ApiError::Overloaded(_) => "Overloaded",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
+            ApiError::Peer(PeerError::SeriesNotFound(_)) => "NotFound",
+            ApiError::Peer(_) => "PacsError",
         }
     }
 }
@@ -141,6 +148,10 @@ impl ApiError {
             }
             ApiError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
+                self.to_string()
+            }
+            ApiError::Peer(e) if status.is_server_error() => {
+                tracing::error!(error = %e, "PACS fault");
                 self.to_string()
             }
             _ => {

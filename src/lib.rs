@@ -26,6 +26,7 @@ use tracing_subscriber::EnvFilter;
 use crate::admission::{Budget, Pool};
 use crate::api::{AppState, RequestPolicy, SharedState};
 use crate::config::{Config, LogFormat};
+use crate::dicom::{DicomWebClient, DicomWebConfig};
 use crate::engine::{Engine, TractEngine};
 use crate::models::Registry;
 use crate::nifti_io::DecodeLimits;
@@ -91,6 +92,17 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
             request_timeout: config.request_timeout,
             auth_token: config.auth_token.clone().filter(|t| !t.is_empty()),
         },
+        dicomweb: config.dicomweb_url.as_ref().map(|url| {
+            DicomWebClient::new(DicomWebConfig {
+                url: url.clone(),
+                authorization: config.dicomweb_auth.clone().filter(|a| !a.is_empty()),
+                connect_timeout: config.pacs_connect_timeout,
+                timeout: config.pacs_timeout,
+                max_bytes: config.max_upload_bytes as u64,
+                max_instances: config.pacs_max_instances,
+            })
+            .expect("the HTTP client for DICOMweb builds")
+        }),
         started: Instant::now(),
     })
 }

@@ -152,6 +152,22 @@ impl SessionStore {
         image_name: String,
         requested_expiry: Option<u64>,
     ) -> Result<(String, SessionInfo), SessionError> {
+        self.insert(
+            uuid::Uuid::new_v4().to_string(),
+            volume,
+            image_name,
+            requested_expiry,
+        )
+    }
+
+    /// Stores a volume under `id` (a series fetched from a PACS, keyed by its UID), replacing what was there.
+    pub fn insert(
+        &self,
+        id: String,
+        volume: Arc<Volume>,
+        image_name: String,
+        requested_expiry: Option<u64>,
+    ) -> Result<(String, SessionInfo), SessionError> {
         let needed = volume.byte_size();
         if needed > self.limits.memory_budget {
             return Err(SessionError::TooLarge {
@@ -159,7 +175,6 @@ impl SessionStore {
                 budget: self.limits.memory_budget,
             });
         }
-        let id = uuid::Uuid::new_v4().to_string();
         let now = Instant::now();
         let entry = Entry {
             volume,
@@ -171,6 +186,7 @@ impl SessionStore {
         };
         let info = entry.info(&id);
         let mut store = self.store.lock();
+        store.remove(&id);
         store.drop_expired(now);
         while store.used_bytes + needed > self.limits.memory_budget
             || store.entries.len() >= self.limits.max_sessions

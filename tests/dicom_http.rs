@@ -353,3 +353,194 @@ fn bad_dicom_uploads_get_422_with_the_reason() {
         reply.text()
     );
 }
+
+/// A throw-away Orthanc (Debian's `orthanc` + `orthanc-dicomweb`, started by tests/support/orthanc.sh on free
+/// loopback ports), stopped when dropped.
+struct Orthanc {
+    dir: tempfile::TempDir,
+    http_port: u16,
+    dicom_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Orthanc {
+    /// Started, or `None` (with a note) where Orthanc is not installed and `DEEPGROW_REQUIRE_ORTHANC` is unset;
+    /// `.ci/run` installs it and sets that variable, so CI never skips.
+    fn start() -> Option<Orthanc> {
+        let installed = std::path::Path::new("/usr/sbin/Orthanc").exists()
+            || std::process::Command::new("sh")
+                .args(["-c", "command -v Orthanc"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var_os("DEEPGROW_REQUIRE_ORTHANC").is_none(),
+                "DEEPGROW_REQUIRE_ORTHANC is set but Orthanc is not installed"
+            );
+            eprintln!("SKIPPED: Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; .ci/run does)");
+            return None;
+        }
+        let orthanc = Orthanc {
+            dir: tempfile::tempdir().unwrap(),
+            http_port: free_port(),
+            dicom_port: free_port(),
+        };
+        let status = orthanc.script("start", &[]);
+        assert!(
+            status.status.success(),
+            "Orthanc started: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        Some(orthanc)
+    }
+
+    fn script(&self, command: &str, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("bash")
+            .arg(manifest_path("tests/support/orthanc.sh"))
+            .arg(command)
+            .arg(self.dir.path())
+            .args(args)
+            .env("ORTHANC_HTTP_PORT", self.http_port.to_string())
+            .env("ORTHANC_DICOM_PORT", self.dicom_port.to_string())
+            .env("DEEPGROW_SCP_PORT", free_port().to_string())
+            .output()
+            .expect("run tests/support/orthanc.sh")
+    }
+
+    fn dicomweb_url(&self) -> String {
+        format!("http://127.0.0.1:{}/dicom-web", self.http_port)
+    }
+
+    /// Stores the fixture series through Orthanc's REST API.
+    fn store_series(&self) {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.http_port).parse().unwrap();
+        for (name, bytes) in series_files() {
+            let reply = send_raw(
+                addr,
+                request(
+                    "POST /instances HTTP/1.1",
+                    &[
+                        ("Host", addr.to_string()),
+                        ("Content-Type", "application/dicom".into()),
+                        ("Content-Length", bytes.len().to_string()),
+                        ("Connection", "close".into()),
+                    ],
+                    bytes,
+                ),
+            );
+            assert_eq!(reply.status, 200, "Orthanc stores {name}: {}", reply.text());
+        }
+    }
+
+    fn stop(&self) {
+        self.script("stop", &[]);
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const SERIES_UID: &str = "2.25.263589157176749954975981379101980408753";
+
+#[test]
+fn ohif_v3_clicks_on_a_series_fetched_over_dicomweb() {
+    let Some(orthanc) = Orthanc::start() else {
+        return;
+    };
+    orthanc.store_series();
+    let models_dir = manifest_path("models");
+    let config = config(&[
+        "--models-dir",
+        models_dir.to_str().unwrap(),
+        "--dicomweb-url",
+        &orthanc.dicomweb_url(),
+        "--pacs-timeout",
+        "30",
+    ]);
+    let registry = deepgrow_server::load_models(&config).unwrap();
+    let server = start(config, registry);
+    let addr = server.addr;
+
+    // OHIF v3's PointPrompts: the series by its UID, points in cornerstone's index order, the raw label back.
+    let [i, j] = dicom_click();
+    let params = format!(
+        r#"{{"foreground":[[{i},{j},{K}]],"background":[],"result_extension":".nrrd","result_dtype":"uint8","result_compress":false,"restore_label_idx":false}}"#
+    );
+    let ohif_click = |uid: &str| {
+        send(
+            addr,
+            browser_request(
+                addr,
+                "POST",
+                &format!("/infer/{MODEL}?image={uid}&output=image"),
+                &[text_part("params", &params)],
+            ),
+        )
+    };
+    let reply = ohif_click(SERIES_UID);
+    reply.ok();
+    assert!(reply.header("access-control-allow-origin").is_some());
+    let nrrd = parse_nrrd(&reply.body);
+    assert_eq!(nrrd.field("type"), "uint8");
+    assert_eq!(nrrd.field("encoding"), "raw");
+    // copied 1:1 into cornerstone's labelmap: exactly one byte per voxel, the mask on slice K only
+    assert_eq!(nrrd.data.len(), 512 * 512 * 20);
+    assert_same_mask(
+        &mask_pixels(&nrrd, [512, 512, 20], K),
+        "OHIF v3 over DICOMweb",
+    );
+
+    // The series stays cached: the next click is answered even with the PACS gone.
+    orthanc.stop();
+    let again = ohif_click(SERIES_UID);
+    assert_eq!(parse_nrrd(&again.ok().body).data, nrrd.data);
+    // A series not cached, with the PACS down: 502, saying which peer failed.
+    let down = ohif_click("1.2.3.4.5");
+    assert_eq!(down.status, 502, "{}", down.text());
+    assert!(
+        down.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("DICOMweb server"),
+        "{}",
+        down.text()
+    );
+    assert!(down.header("access-control-allow-origin").is_some());
+}
+
+#[test]
+fn a_series_the_pacs_does_not_have_is_a_404() {
+    let Some(orthanc) = Orthanc::start() else {
+        return;
+    };
+    let config = config(&["--dicomweb-url", &orthanc.dicomweb_url()]);
+    let server = start(config, fake_registry());
+    let addr = server.addr;
+    let reply = send(
+        addr,
+        browser_request(
+            addr,
+            "POST",
+            &format!("/infer/{MODEL}?image=1.2.3.999&output=image"),
+            &[text_part(
+                "params",
+                r#"{"foreground":[[1,2,0]],"background":[]}"#,
+            )],
+        ),
+    );
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(reply.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("1.2.3.999"));
+}

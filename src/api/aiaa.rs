@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::click::{click, ClickBody, ReplyKind};
+use super::click::{click, ClickBody, Named, ReplyKind};
 use super::multipart::{drain, UploadForm};
 use super::SharedState;
 use crate::annotate::Annotation;
@@ -90,9 +90,17 @@ async fn deepgrow_click(
         file,
         file_name,
         params,
-    } = click(state, model, query.session_id.as_deref(), body)
-        .await?
-        .annotation;
+    } = click(
+        state,
+        model,
+        Named {
+            session_id: query.session_id.as_deref(),
+            series: None,
+        },
+        body,
+    )
+    .await?
+    .annotation;
     kind.respond(&params, file_name, file)
 }
 

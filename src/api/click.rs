@@ -14,9 +14,10 @@ use super::SharedState;
 use crate::admission::{off_runtime, ClickTickets};
 use crate::annotate::{annotate, Annotation, ImageSource};
 use crate::error::ApiError;
-use crate::image::{Format, Upload};
+use crate::image::{self, Format, Upload};
 use crate::models::Model;
-use crate::nifti_io::{FileBytes, MaskFile};
+use crate::nifti_io::{FileBytes, MaskFile, Volume};
+use crate::sessions::SessionError;
 
 /// The body of a click request.
 pub enum ClickBody {
@@ -83,6 +84,90 @@ impl ReplyKind {
     }
 }
 
+/// What a click request names besides its body: a session, or a series on the PACS (OHIF v3's
+/// `image=<SeriesInstanceUID>`, with `--dicomweb-url`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Named<'a> {
+    pub session_id: Option<&'a str>,
+    pub series: Option<&'a str>,
+}
+
+/// The click on a decoded volume (a session's, or a fetched series').
+async fn on_volume(
+    state: &SharedState,
+    model: Arc<Model>,
+    volume: Arc<Volume>,
+    params: DeepgrowParams,
+) -> Result<(Annotation, Option<String>), ApiError> {
+    let limits = state.decode_limits;
+    let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
+    let label = params.label.clone();
+    let annotation = off_runtime(move || {
+        let source = ImageSource::Session(volume);
+        annotate(
+            &model,
+            source,
+            &params.clicks,
+            params.output,
+            limits,
+            &tickets,
+        )
+    })
+    .await?;
+    Ok((annotation, label))
+}
+
+/// The volume of series `uid`: cached (as a session named after it, under the session memory budget and
+/// expiry), or retrieved over DICOMweb and decoded on a decode worker.
+async fn fetched_series(state: &SharedState, uid: &str) -> Result<Arc<Volume>, ApiError> {
+    let key = format!("dicomweb:{uid}");
+    if let Some(volume) = state.sessions.volume(&key) {
+        return Ok(volume);
+    }
+    let client = state
+        .dicomweb
+        .as_ref()
+        .ok_or_else(|| ApiError::Internal("no DICOMweb client".into()))?;
+    let started = std::time::Instant::now();
+    let files = client.retrieve_series(uid).await?;
+    let fetched_ms = started.elapsed().as_millis() as u64;
+    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    let mut reservation = state.budget.empty();
+    reservation.grow_to(bytes as u64).await?;
+    let worker = state.decode_pool.admit()?;
+    let limits = state.decode_limits;
+    let decoder_state = state.clone();
+    let (volume, _held) = off_runtime(move || {
+        let _files_held = reservation;
+        worker.work(|| {
+            let series = image::open(Upload::Dicom(files), limits)?;
+            let held = decoder_state
+                .budget
+                .reserve_blocking(series.volume_bytes())?;
+            Ok::<_, ApiError>((series.read_volume()?, held))
+        })
+    })
+    .await??;
+    let volume = Arc::new(volume);
+    state
+        .sessions
+        .insert(key, volume.clone(), uid.to_owned(), None)
+        .map_err(|SessionError::TooLarge { needed, budget }| {
+            ApiError::PayloadTooLarge(format!(
+                "series {uid} needs {needed} bytes in memory, more than the session budget of {budget} bytes"
+            ))
+        })?;
+    tracing::info!(
+        series = %uid,
+        shape = ?volume.geometry.shape,
+        bytes,
+        fetched_ms,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "series fetched over DICOMweb"
+    );
+    Ok(volume)
+}
+
 /// An answered click, with the label name its params asked for.
 pub struct Answered {
     pub annotation: Annotation,
@@ -94,7 +179,7 @@ pub struct Answered {
 pub async fn click(
     state: &SharedState,
     model: Arc<Model>,
-    session_id: Option<&str>,
+    named: Named<'_>,
     body: &mut ClickBody,
 ) -> Result<Answered, ApiError> {
     let image = match body {
@@ -108,7 +193,7 @@ pub async fn click(
         )));
     }
     let limits = state.decode_limits;
-    let session_id = session_id.filter(|id| !id.is_empty());
+    let session_id = named.session_id.filter(|id| !id.is_empty());
     let image = match (session_id, image) {
         (None, Some(mut part)) => {
             let format = part.format().await?;
@@ -128,21 +213,17 @@ pub async fn click(
                 .sessions
                 .volume(id)
                 .ok_or_else(|| ApiError::SessionExpired(id.to_owned()))?;
-            let tickets = ClickTickets::new(None, state.infer_pool.admit()?);
-            let label = params.label.clone();
-            let annotation = off_runtime(move || {
-                let source = ImageSource::Session(volume);
-                annotate(
-                    &model,
-                    source,
-                    &params.clicks,
-                    params.output,
-                    limits,
-                    &tickets,
-                )
-            })
-            .await?;
-            (annotation, label)
+            on_volume(state, model, volume, params).await?
+        }
+        // No file: the series the request names, fetched from the PACS (or its cached volume).
+        (None, None, body) if named.series.is_some() && state.dicomweb.is_some() => {
+            if let ClickBody::Form(form) = &mut *body {
+                form.finish().await?;
+            }
+            let params = DeepgrowParams::parse(body.params())?;
+            let uid = named.series.unwrap_or_default();
+            let volume = fetched_series(state, uid).await?;
+            on_volume(state, model, volume, params).await?
         }
         // The params came first (as every client sends them): the upload is decoded while it arrives, and
         // only as far as the clicked slice.

@@ -23,6 +23,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admission::{Budget, Pool};
+use crate::dicom::DicomWebClient;
 use crate::error::ApiError;
 use crate::models::{Model, Registry};
 use crate::nifti_io::DecodeLimits;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub budget: Budget,
     pub decode_limits: DecodeLimits,
     pub policy: RequestPolicy,
+    /// The PACS's DICOMweb, when `--dicomweb-url` names one.
+    pub dicomweb: Option<DicomWebClient>,
     pub started: Instant,
 }
 

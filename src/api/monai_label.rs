@@ -15,7 +15,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::click::{click, Answered, ClickBody, ReplyKind};
+use super::click::{click, Answered, ClickBody, Named, ReplyKind};
 use super::multipart::{content_type, drain, UploadForm, MAX_TEXT_PART};
 use super::SharedState;
 use crate::annotate::Latencies;
@@ -223,11 +223,16 @@ async fn infer_click(
         .get(model_name)
         .cloned()
         .ok_or_else(|| ApiError::UnknownModel(model_name.to_owned()))?;
-    let session_id = Some(query.session_id.as_str()).filter(|id| !id.is_empty());
-    let answered = match click(state, model.clone(), session_id, body).await {
+    let named = Named {
+        session_id: Some(query.session_id.as_str()).filter(|id| !id.is_empty()),
+        // an image id is a series on the PACS (OHIF v3), when there is one to ask
+        series: Some(query.image.as_str()).filter(|id| !id.is_empty()),
+    };
+    let answered = match click(state, model.clone(), named, body).await {
         Err(ApiError::NoImage) if !query.image.is_empty() => Err(ApiError::NotFound(format!(
-            "Image ({}) Not Found: this server has no datastore; create a session with PUT /session/ and pass \
-             session_id, or send the image as a 'file' part",
+            "Image ({}) Not Found: this server has no datastore and no DICOMweb server (--dicomweb-url) to \
+             fetch a series from; create a session with PUT /session/ and pass session_id, or send the image \
+             as a 'file' part",
             query.image
         ))),
         other => other,

@@ -5,4 +5,7 @@
 
 pub mod series;
 
+pub mod web;
+
 pub use series::{open_series, DicomError, DicomFile, Series};
+pub use web::{DicomWebClient, DicomWebConfig, PeerError};

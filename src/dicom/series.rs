@@ -153,11 +153,7 @@ fn item(object: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
 }
 
 /// An attribute of the per-frame functional group `group` of frame `frame`, else of the shared one.
-fn functional(
-    object: &InMemDicomObject,
-    frame: usize,
-    group: Tag,
-) -> Option<&InMemDicomObject> {
+fn functional(object: &InMemDicomObject, frame: usize, group: Tag) -> Option<&InMemDicomObject> {
     object
         .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .and_then(|e| e.items())
