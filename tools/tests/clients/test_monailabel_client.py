@@ -172,3 +172,46 @@ def test_info_session_infer_and_remove(server, liver_click, tmp_path):
     assert error.value.status_code == 404
     with pytest.raises(MONAILabelClientException):
         client.infer(MODEL, "CT 1", params, session_id=session_id)
+
+
+def nrrd_js():
+    """The node_modules folder holding nrrd-js 0.2.1 (.ci/run installs it into tools/.node-clients), or None."""
+    folder = REPO / "tools/.node-clients/node_modules"
+    if shutil.which("node") and (folder / "nrrd-js").is_dir():
+        return folder
+    return None
+
+
+def test_ohif_v3_label_parses_with_nrrd_js(server, liver_click, tmp_path):
+    """OHIF v3 asks for output=image and copies the NRRD's voxels 1:1 into its labelmap: nrrd-js must parse the
+    raw label, as uint8, one element per voxel."""
+    modules = nrrd_js()
+    if modules is None:
+        assert not os.environ.get("DEEPGROW_REQUIRE_NRRD_JS"), "nrrd-js is required here but not installed"
+        pytest.skip("nrrd-js not installed (npm install --prefix tools/.node-clients nrrd-js@0.2.1)")
+    point, liver = liver_click
+    client = MONAILabelClient(server, tmpdir=str(tmp_path))
+    upload = tmp_path / "tmpohif.nii.gz"
+    shutil.copy(CT, upload)
+    session_id = client.create_session(str(upload))["session_id"]
+    params = {"foreground": [point], "background": [], "result_extension": ".nrrd", "result_dtype": "uint8",
+              "result_compress": False, "restore_label_idx": False}
+    boundary = "----WebKitFormBoundaryAbC123"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n{json.dumps(params)}\r\n'
+            f'--{boundary}--\r\n').encode()
+    request = urllib.request.Request(
+        f"{server}/infer/{MODEL}?image=1.2.3&output=image&session_id={session_id}", data=body, method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}", "Origin": "http://localhost:3000"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+        assert reply.headers["Access-Control-Allow-Origin"]
+        label = reply.read()
+    path = tmp_path / "label.nrrd"
+    path.write_bytes(label)
+    parsed = json.loads(subprocess.run(
+        ["node", str(Path(__file__).with_name("nrrd_check.js")), str(path)], check=True, capture_output=True,
+        text=True, env={**os.environ, "NODE_PATH": str(modules)}).stdout)
+    (h, w, d), _, _ = read_nifti(CT)
+    assert parsed["type"] == "uint8" and parsed["encoding"] == "raw", parsed
+    assert parsed["sizes"] == [h, w, d] and parsed["length"] == h * w * d and parsed["bytesPerElement"] == 1
+    assert parsed["nonzero"] == len(check_label(str(path), liver))
