@@ -3,7 +3,7 @@
 //! lossless, read from memory into the int16 HU volume a session keeps (`image::open` + `read_volume`).
 //! Throughput is MB/s of HU output (200 x 512 x 512 x 2 bytes).
 //!
-//! `DEEPGROW_DICOM_BENCH_DIR=DIR` reads `DIR/explicit_le/*.dcm` and `DIR/j2k/*.dcm` instead (the files
+//! `DEEPGROW_DICOM_BENCH_DIR=DIR` reads `DIR/explicit_le/*.dcm` and `DIR/j2k_lossless/*.dcm` instead (the files
 //! `tools/compare_dicom.py --write-only --out DIR` writes, to time pydicom on the very same bytes).
 //! Frames are decoded on rayon's pool: `RAYON_NUM_THREADS=1` times one core.
 //!
@@ -86,7 +86,7 @@ fn series_decode(c: &mut Criterion) {
     group.sample_size(10);
     for (name, source) in series {
         let files = match &external {
-            Some(dir) => from_dir(&dir.join(if name == "explicit_le" { "explicit_le" } else { "j2k" })),
+            Some(dir) => from_dir(&dir.join(if name == "explicit_le" { "explicit_le" } else { "j2k_lossless" })),
             None => tiled(source),
         };
         let input: usize = files.iter().map(|(_, b)| b.len()).sum();
