@@ -40,7 +40,12 @@ fn tiled(source: &str) -> Vec<(String, Bytes)> {
                 .unwrap()
                 .to_multi_float64()
                 .unwrap();
-            let text = format!("{}\\{}\\{}", position[0], position[1], position[2] + 2.0 * k as f64);
+            let text = format!(
+                "{}\\{}\\{}",
+                position[0],
+                position[1],
+                position[2] + 2.0 * k as f64
+            );
             object.put(DataElement::new(
                 tags::IMAGE_POSITION_PATIENT,
                 VR::DS,
@@ -69,7 +74,12 @@ fn from_dir(dir: &Path) -> Vec<(String, Bytes)> {
     files.sort();
     files
         .into_iter()
-        .map(|p| (p.display().to_string(), Bytes::from(std::fs::read(&p).unwrap())))
+        .map(|p| {
+            (
+                p.display().to_string(),
+                Bytes::from(std::fs::read(&p).unwrap()),
+            )
+        })
         .collect()
 }
 
@@ -80,13 +90,20 @@ fn series_decode(c: &mut Criterion) {
             "explicit_le",
             "tests/fixtures/dicom/transfer_syntaxes/slice10_explicit_le.dcm",
         ),
-        ("j2k_lossless", "tests/fixtures/dicom/ct_series_j2k/slice_10.dcm"),
+        (
+            "j2k_lossless",
+            "tests/fixtures/dicom/ct_series_j2k/slice_10.dcm",
+        ),
     ];
     let mut group = c.benchmark_group(format!("dicom_series_512x512x{SLICES}"));
     group.sample_size(10);
     for (name, source) in series {
         let files = match &external {
-            Some(dir) => from_dir(&dir.join(if name == "explicit_le" { "explicit_le" } else { "j2k_lossless" })),
+            Some(dir) => from_dir(&dir.join(if name == "explicit_le" {
+                "explicit_le"
+            } else {
+                "j2k_lossless"
+            })),
             None => tiled(source),
         };
         let input: usize = files.iter().map(|(_, b)| b.len()).sum();

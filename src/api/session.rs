@@ -57,7 +57,7 @@ pub async fn create(
     }
     let mut form = match UploadForm::from_request(request, state.policy.max_upload_bytes).await {
         Ok(form) => form,
-        Err(error) => return error.into_shared_response(),
+        Err(error) => return error.into_response(),
     };
     match create_from_form(&state, &query, &mut form).await {
         Ok(reply) => reply.into_response(),
@@ -86,7 +86,7 @@ async fn create_from_form(
     form: &mut UploadForm,
 ) -> Result<Json<Value>, ApiError> {
     let expiry = parse_expiry(query.expiry.as_deref())?;
-    let part = match form.next_image().await? {
+    let mut part = match form.next_image().await? {
         Some(part) => part,
         None if is_monai_label(form) => {
             return Err(FieldError {
@@ -104,7 +104,6 @@ async fn create_from_form(
             ))
         }
     };
-    let mut part = part;
     let name = part.name.clone();
     let limits = state.decode_limits;
     let decoder_state = state.clone();
