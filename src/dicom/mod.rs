@@ -3,6 +3,7 @@
 //!
 //! [`Volume`]: crate::nifti_io::Volume
 
+mod scan;
 pub mod series;
 
 pub mod web;

@@ -209,6 +209,13 @@ pub fn open_series(files: &[DicomFile<'_>], limits: DecodeLimits) -> Result<Seri
     let instances: Vec<Instance> = files
         .par_iter()
         .map(|file| {
+            // lengths checked first: the parser allocates what a header claims before reading it
+            super::scan::check_lengths(file.bytes, limits.max_decompressed_bytes).map_err(
+                |reason| DicomError::NotDicom {
+                    name: file.name.to_owned(),
+                    reason: format!("malformed: {reason}"),
+                },
+            )?;
             let object = OpenFileOptions::new()
                 .from_reader(file.bytes)
                 .map_err(|e| DicomError::NotDicom {
