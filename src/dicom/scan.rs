@@ -142,7 +142,8 @@ impl<'a> Walk<'a> {
                 size: 8,
             });
         }
-        let vr = VR::from_binary([self.data[at + 4], self.data[at + 5]]);
+        // an unknown VR is read as UN, with a 4-byte length, as dicom-rs reads it
+        let vr = Some(VR::from_binary([self.data[at + 4], self.data[at + 5]]).unwrap_or(VR::UN));
         let long = matches!(
             vr,
             Some(
@@ -207,7 +208,7 @@ impl<'a> Walk<'a> {
                 self.items(at, None, fragments, depth + 1)?;
                 continue;
             }
-            let remaining = end.min(self.data.len()) - *at;
+            let remaining = end.min(self.data.len()).saturating_sub(*at);
             if length as usize > remaining {
                 return Err(format!(
                     "element {tag:04X?} claims {length} bytes where {remaining} remain"
