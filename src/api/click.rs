@@ -252,45 +252,30 @@ pub async fn click(
             form.finish().await?;
             (annotation?, label)
         }
-        // The params come after the file: the file is buffered (against the in-flight budget) until they do.
-        (None, Some((part, Format::Nifti)), ClickBody::Form(form)) => {
+        // The params come after the file, or the upload is a DICOM series (its instances as parts, or a zip):
+        // buffered against the in-flight budget, then only the clicked slice is decoded.
+        (None, Some((part, format)), ClickBody::Form(form)) => {
             let mut reservation = state.budget.empty();
-            let bytes = form.buffer(part, &mut reservation, 0).await?;
-            form.finish().await?;
+            let files = if format == Format::Nifti {
+                let bytes = form.buffer(part, &mut reservation, 0).await?;
+                form.finish().await?;
+                vec![(String::new(), bytes)]
+            } else {
+                form.buffer_series(part, &mut reservation).await?
+            };
             let params = DeepgrowParams::parse(form.params())?;
             let tickets =
                 ClickTickets::new(Some(state.decode_pool.admit()?), state.infer_pool.admit()?);
             let label = params.label.clone();
             let annotation = off_runtime(move || {
                 let _held = reservation;
-                let source = ImageSource::Upload(Upload::Nifti(FileBytes::Memory(&bytes)));
+                let upload = match format {
+                    Format::Nifti => Upload::Nifti(FileBytes::Memory(&files[0].1)),
+                    _ => Upload::Dicom(files),
+                };
                 annotate(
                     &model,
-                    source,
-                    &params.clicks,
-                    params.output,
-                    limits,
-                    &tickets,
-                )
-            })
-            .await?;
-            (annotation, label)
-        }
-        // A DICOM series (its instances as parts, or a zip): buffered whole, then only the clicked slice's
-        // frame is decoded.
-        (None, Some((part, _)), ClickBody::Form(form)) => {
-            let mut reservation = state.budget.empty();
-            let files = form.buffer_series(part, &mut reservation).await?;
-            let params = DeepgrowParams::parse(form.params())?;
-            let tickets =
-                ClickTickets::new(Some(state.decode_pool.admit()?), state.infer_pool.admit()?);
-            let label = params.label.clone();
-            let annotation = off_runtime(move || {
-                let _held = reservation;
-                let source = ImageSource::Upload(Upload::Dicom(files));
-                annotate(
-                    &model,
-                    source,
+                    ImageSource::Upload(upload),
                     &params.clicks,
                     params.output,
                     limits,
