@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::dicom::PacsNode;
 use crate::engine::Kernels;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,6 +139,17 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_DICOMWEB_AUTH", hide_env_values = true)]
     pub dicomweb_auth: Option<String>,
 
+    /// PACS nodes a client may ask this server to pull a series from by DIMSE C-GET (OHIF v2's default
+    /// "Fetch Images From Dicom Server" sends `{"dicom": {server_address, server_port, ...}}`), as
+    /// `HOST:PORT[,HOST:PORT...]` exactly as the viewer names them. Every other node gets a 403; none listed
+    /// allows none.
+    #[arg(long, env = "DEEPGROW_PACS", value_delimiter = ',')]
+    pub pacs: Vec<PacsNode>,
+
+    /// Our AE title (the calling AE) in DIMSE associations with a PACS.
+    #[arg(long, env = "DEEPGROW_AE_TITLE", default_value = "DEEPGROW", value_parser = parse_ae_title)]
+    pub ae_title: String,
+
     /// Seconds to connect to a PACS.
     #[arg(long, env = "DEEPGROW_PACS_CONNECT_TIMEOUT", default_value = "5", value_parser = parse_seconds)]
     pub pacs_connect_timeout: Duration,
@@ -153,6 +165,22 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "DEEPGROW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// An AE title: 1 to 16 printable ASCII characters, not all spaces, no backslash.
+fn parse_ae_title(text: &str) -> Result<String, String> {
+    let title = text.trim();
+    if title.is_empty()
+        || title.len() > 16
+        || !title
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        return Err(format!(
+            "an AE title is 1 to 16 printable ASCII characters without '\\', got '{text}'"
+        ));
+    }
+    Ok(title.to_owned())
 }
 
 /// A positive, finite number of seconds ("2", "0.5").

@@ -105,7 +105,8 @@ impl ApiError {
             ApiError::Overloaded(_) => "Overloaded",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
-            ApiError::Peer(PeerError::SeriesNotFound(_)) => "NotFound",
+            ApiError::Peer(PeerError::SeriesNotFound { .. }) => "NotFound",
+            ApiError::Peer(PeerError::NotAllowed { .. }) => "Forbidden",
             ApiError::Peer(_) => "PacsError",
         }
     }

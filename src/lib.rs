@@ -26,7 +26,7 @@ use tracing_subscriber::EnvFilter;
 use crate::admission::{Budget, Pool};
 use crate::api::{AppState, RequestPolicy, SharedState};
 use crate::config::{Config, LogFormat};
-use crate::dicom::{DicomWebClient, DicomWebConfig};
+use crate::dicom::{DicomWebClient, DicomWebConfig, DimseClient, DimseConfig};
 use crate::engine::{Engine, TractEngine};
 use crate::models::Registry;
 use crate::nifti_io::DecodeLimits;
@@ -102,6 +102,14 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
                 max_instances: config.pacs_max_instances,
             })
             .expect("the HTTP client for DICOMweb builds")
+        }),
+        pacs: DimseClient::new(DimseConfig {
+            ae_title: config.ae_title.clone(),
+            allowed: config.pacs.clone(),
+            connect_timeout: config.pacs_connect_timeout,
+            timeout: config.pacs_timeout,
+            max_bytes: config.max_upload_bytes as u64,
+            max_instances: config.pacs_max_instances,
         }),
         started: Instant::now(),
     })

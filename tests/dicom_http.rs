@@ -544,3 +544,189 @@ fn a_series_the_pacs_does_not_have_is_a_404() {
         .unwrap()
         .contains("1.2.3.999"));
 }
+
+const STUDY_UID: &str = "2.25.76380497845291385007932465688983567541";
+
+/// OHIF v2's default session create ("Fetch Images From Dicom Server"): axios's JSON PUT naming the series
+/// and the PACS to pull it from.
+fn ohif_pacs_session(addr: std::net::SocketAddr, dicom: serde_json::Value) -> Reply {
+    let body = serde_json::json!({ "dicom": dicom }).to_string();
+    send(
+        addr,
+        request(
+            "PUT /session/?expiry=600&save_as=.nii HTTP/1.1",
+            &[
+                ("Host", addr.to_string()),
+                ("Accept", "application/json, text/plain, */*".into()),
+                ("Content-Type", "application/json;charset=utf-8".into()),
+                ("Origin", "http://localhost:3000".into()),
+                ("Content-Length", body.len().to_string()),
+            ],
+            body.as_bytes(),
+        ),
+    )
+}
+
+fn pacs_body(port: u16, series_uid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "server_address": "127.0.0.1",
+        "server_port": port,
+        "ae_title": "ORTHANC",
+        "query_level": "SERIES",
+        "patient_id": "",
+        "study_uid": STUDY_UID,
+        "series_uid": series_uid,
+    })
+}
+
+#[test]
+fn ohif_v2_pulls_the_series_from_the_pacs_by_c_get() {
+    let Some(orthanc) = Orthanc::start() else {
+        return;
+    };
+    orthanc.store_series();
+    let models_dir = manifest_path("models");
+    let pacs = format!("127.0.0.1:{}", orthanc.dicom_port);
+    let config = config(&[
+        "--models-dir",
+        models_dir.to_str().unwrap(),
+        "--pacs",
+        &pacs,
+        "--ae-title",
+        "DEEPGROW",
+        "--pacs-timeout",
+        "60",
+    ]);
+    let registry = deepgrow_server::load_models(&config).unwrap();
+    let server = start(config, registry);
+    let addr = server.addr;
+
+    let reply = ohif_pacs_session(addr, pacs_body(orthanc.dicom_port, SERIES_UID));
+    let session = reply.ok().json();
+    assert!(reply.header("access-control-allow-origin").is_some());
+    assert_eq!(
+        session["session_info"]["meta"]["shape"],
+        serde_json::json!([512, 512, 20])
+    );
+    let id = session["session_id"].as_str().unwrap();
+
+    // OHIF v2's click on that session: the full-volume uint16 NRRD, the mask on frame K of its stack.
+    let [i, j] = dicom_click();
+    let click = send(
+        addr,
+        browser_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}&session_id={id}&output=image"),
+            &[text_part("params", &nrrd_params(i, j, K))],
+        ),
+    );
+    let nrrd = parse_nrrd(&click.ok().body);
+    assert_eq!(nrrd.field("type"), "uint16");
+    assert_same_mask(
+        &mask_pixels(&nrrd, [512, 512, 20], K),
+        "OHIF v2 session pulled by C-GET",
+    );
+
+    // A series the PACS does not have: 404 naming it; one with more instances than allowed: 413.
+    let missing = ohif_pacs_session(addr, pacs_body(orthanc.dicom_port, "1.2.3.999"));
+    assert!(assert_aiaa_error(&missing, 404, "1.2.3.999").contains("ORTHANC"));
+    drop(server);
+    let limited = start(
+        common::config(&["--pacs", &pacs, "--pacs-max-instances", "5"]),
+        fake_registry(),
+    );
+    let too_many = ohif_pacs_session(limited.addr, pacs_body(orthanc.dicom_port, SERIES_UID));
+    assert_aiaa_error(&too_many, 413, "more than 5 instances");
+
+    // The PACS down: 502, naming it.
+    orthanc.stop();
+    let down = ohif_pacs_session(limited.addr, pacs_body(orthanc.dicom_port, SERIES_UID));
+    let message = assert_aiaa_error(&down, 502, "could not be reached");
+    assert!(
+        message.contains(&format!("ORTHANC at 127.0.0.1:{}", orthanc.dicom_port)),
+        "{message}"
+    );
+}
+
+#[test]
+fn pacs_pulls_that_fail_say_why() {
+    // A peer that accepts the connection and never answers: 504 once --pacs-timeout passes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(1).collect();
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        drop(held);
+    });
+    // A peer that is not a PACS: it answers the association request with an HTTP error and closes.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in http.incoming().take(1) {
+            use std::io::{Read, Write};
+            let mut stream = stream.unwrap();
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let silent_node = format!("127.0.0.1:{silent_port}");
+    let http_node = format!("127.0.0.1:{http_port}");
+    let allowed = format!("{silent_node},{http_node}");
+    let server = start(
+        config(&[
+            "--pacs",
+            &allowed,
+            "--pacs-timeout",
+            "1",
+            "--pacs-connect-timeout",
+            "1",
+        ]),
+        fake_registry(),
+    );
+    let addr = server.addr;
+
+    let slow = ohif_pacs_session(addr, pacs_body(silent_port, SERIES_UID));
+    assert!(assert_aiaa_error(&slow, 504, "did not answer within 1 s").contains(&silent_node));
+    let not_a_pacs = ohif_pacs_session(addr, pacs_body(http_port, SERIES_UID));
+    assert_eq!(not_a_pacs.status, 502, "{}", not_a_pacs.text());
+    assert!(aiaa_error_message(&not_a_pacs, &http_node).contains("PACS"));
+
+    // A node --pacs does not list is never contacted: 403, saying which are allowed.
+    let mut elsewhere = pacs_body(silent_port, SERIES_UID);
+    elsewhere["server_address"] = "10.1.2.3".into();
+    let forbidden = ohif_pacs_session(addr, elsewhere);
+    assert!(assert_aiaa_error(&forbidden, 403, "10.1.2.3").contains(&allowed.replace(',', ", ")));
+
+    // Bodies that name no series properly: 400, naming the field.
+    for (field, value, keyword) in [
+        ("series_uid", serde_json::json!("1.2.3; DROP"), "series_uid"),
+        ("study_uid", serde_json::json!(""), "study_uid"),
+        ("server_port", serde_json::json!("http"), "server_port"),
+        ("server_port", serde_json::json!(70000), "server_port"),
+        ("query_level", serde_json::json!("STUDY"), "query_level"),
+        (
+            "ae_title",
+            serde_json::json!("A_TITLE_LONGER_THAN_16"),
+            "ae_title",
+        ),
+    ] {
+        let mut body = pacs_body(silent_port, SERIES_UID);
+        body[field] = value;
+        assert_aiaa_error(&ohif_pacs_session(addr, body), 400, keyword);
+    }
+    let not_json = send(
+        addr,
+        request(
+            "PUT /session/ HTTP/1.1",
+            &[
+                ("Host", addr.to_string()),
+                ("Content-Type", "application/json".into()),
+                ("Content-Length", "9".into()),
+            ],
+            b"{\"dicom\":",
+        ),
+    );
+    assert_aiaa_error(&not_json, 400, "dicom");
+}

@@ -460,7 +460,8 @@ fn bad_requests_get_aiaa_error_bodies() {
     );
     assert_aiaa_error(&get(addr, "/v2/models"), 404, "endpoint");
     assert_aiaa_error(&get(addr, "/v1/deepgrow"), 405, "method");
-    // OHIF's default "fetch from DICOM server" session body.
+    // OHIF's default "fetch from DICOM server" session body: this server may contact no PACS until --pacs
+    // names one, so it is refused without a connection (tests/dicom_http.rs pulls from a real one).
     let dicom = br#"{"dicom": {"server_address": "localhost", "server_port": 4242, "ae_title": "ORTHANC", "query_level": "SERIES", "patient_id": "1", "study_uid": "1.2", "series_uid": "1.2.3"}}"#;
     let reply = send(
         addr,
@@ -474,7 +475,7 @@ fn bad_requests_get_aiaa_error_bodies() {
             dicom,
         ),
     );
-    assert_aiaa_error(&reply, 501, "DICOM");
+    assert_aiaa_error(&reply, 403, "--pacs HOST:PORT");
     assert_aiaa_error(
         &send(
             addr,

@@ -14,7 +14,7 @@ use super::SharedState;
 use crate::admission::{off_runtime, ClickTickets};
 use crate::annotate::{annotate, Annotation, ImageSource};
 use crate::error::ApiError;
-use crate::image::{self, Format, Upload};
+use crate::image::{Format, Upload};
 use crate::models::Model;
 use crate::nifti_io::{FileBytes, MaskFile, Volume};
 use crate::sessions::SessionError;
@@ -132,22 +132,9 @@ async fn fetched_series(state: &SharedState, uid: &str) -> Result<Arc<Volume>, A
     let files = client.retrieve_series(uid).await?;
     let fetched_ms = started.elapsed().as_millis() as u64;
     let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
-    let mut reservation = state.budget.empty();
-    reservation.grow_to(bytes as u64).await?;
-    let worker = state.decode_pool.admit()?;
-    let limits = state.decode_limits;
-    let decoder_state = state.clone();
-    let (volume, _held) = off_runtime(move || {
-        let _files_held = reservation;
-        worker.work(|| {
-            let series = image::open(Upload::Dicom(files), limits)?;
-            let held = decoder_state
-                .budget
-                .reserve_blocking(series.volume_bytes())?;
-            Ok::<_, ApiError>((series.read_volume()?, held))
-        })
-    })
-    .await??;
+    let mut files_held = state.budget.empty();
+    files_held.grow_to(bytes as u64).await?;
+    let (volume, _held) = super::session::decode_series(state, files, files_held).await?;
     let volume = Arc::new(volume);
     state
         .sessions

@@ -23,7 +23,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::admission::{Budget, Pool};
-use crate::dicom::DicomWebClient;
+use crate::dicom::{DicomWebClient, DimseClient};
 use crate::error::ApiError;
 use crate::models::{Model, Registry};
 use crate::nifti_io::DecodeLimits;
@@ -58,6 +58,8 @@ pub struct AppState {
     pub policy: RequestPolicy,
     /// The PACS's DICOMweb, when `--dicomweb-url` names one.
     pub dicomweb: Option<DicomWebClient>,
+    /// DIMSE C-GET from the PACS nodes `--pacs` allows (OHIF v2's session body).
+    pub pacs: DimseClient,
     pub started: Instant,
 }
 

@@ -3,10 +3,13 @@
 //!
 //! [`Volume`]: crate::nifti_io::Volume
 
+pub mod dimse;
+mod peer;
 mod scan;
 pub mod series;
-
 pub mod web;
 
+pub use dimse::{DimseClient, DimseConfig, PacsNode, SeriesQuery};
+pub use peer::PeerError;
 pub use series::{open_series, DicomError, DicomFile, Series};
-pub use web::{DicomWebClient, DicomWebConfig, PeerError};
+pub use web::{DicomWebClient, DicomWebConfig};

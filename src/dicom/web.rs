@@ -11,38 +11,7 @@ use bytes::Bytes;
 use multer::{Constraints, Multipart, SizeLimit};
 use serde_json::Value;
 
-/// What went wrong talking to the PACS.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("series {0} is not on the DICOMweb server")]
-    SeriesNotFound(String),
-    #[error("the DICOMweb server at {url} could not be reached: {reason}")]
-    Unreachable { url: String, reason: String },
-    #[error("the DICOMweb server at {url} did not answer within {seconds} s")]
-    TimedOut { url: String, seconds: f64 },
-    #[error("the DICOMweb server answered {status} to {what}: {body}")]
-    Refused {
-        what: &'static str,
-        status: u16,
-        body: String,
-    },
-    #[error("the DICOMweb server's reply to {what} is malformed: {reason}")]
-    Malformed { what: &'static str, reason: String },
-    #[error("series {uid} is larger than this server accepts ({limit} bytes)")]
-    TooLarge { uid: String, limit: u64 },
-}
-
-impl PeerError {
-    /// 504 for a timeout, 404 for a series the PACS does not have, 502 for the rest.
-    pub fn status(&self) -> u16 {
-        match self {
-            PeerError::SeriesNotFound(_) => 404,
-            PeerError::TimedOut { .. } => 504,
-            PeerError::TooLarge { .. } => 413,
-            _ => 502,
-        }
-    }
-}
+use super::PeerError;
 
 /// How to reach the DICOMweb server.
 #[derive(Debug, Clone)]
@@ -75,6 +44,11 @@ impl DicomWebClient {
         Ok(DicomWebClient { config, http })
     }
 
+    /// How errors name this peer.
+    fn peer(&self) -> String {
+        format!("the DICOMweb server at {}", self.config.url)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/{path}", self.config.url.trim_end_matches('/'))
     }
@@ -82,7 +56,7 @@ impl DicomWebClient {
     fn peer_error(&self, error: reqwest::Error) -> PeerError {
         if error.is_timeout() {
             PeerError::TimedOut {
-                url: self.config.url.clone(),
+                peer: self.peer(),
                 seconds: self.config.timeout.as_secs_f64(),
             }
         } else {
@@ -93,7 +67,7 @@ impl DicomWebClient {
                 source = cause.source();
             }
             PeerError::Unreachable {
-                url: self.config.url.clone(),
+                peer: self.peer(),
                 reason,
             }
         }
@@ -104,6 +78,7 @@ impl DicomWebClient {
         url: String,
         accept: &str,
         what: &'static str,
+        series: &str,
     ) -> Result<reqwest::Response, PeerError> {
         let mut request = self.http.get(url).header(reqwest::header::ACCEPT, accept);
         if let Some(authorization) = &self.config.authorization {
@@ -115,34 +90,52 @@ impl DicomWebClient {
             return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND && what == "WADO-RS" {
+            // QIDO found it, so a 404 here means it went away in between
+            return Err(self.not_found(series));
+        }
+        let body: String = body.chars().take(300).collect();
         Err(PeerError::Refused {
-            what,
-            status: status.as_u16(),
-            body: body.chars().take(300).collect(),
+            peer: self.peer(),
+            answer: format!("answered {} to {what}: {body}", status.as_u16()),
         })
+    }
+
+    fn not_found(&self, series: &str) -> PeerError {
+        PeerError::SeriesNotFound {
+            peer: self.peer(),
+            uid: series.to_owned(),
+        }
+    }
+
+    fn malformed(&self, what: &'static str, reason: String) -> PeerError {
+        PeerError::Malformed {
+            peer: self.peer(),
+            what,
+            reason,
+        }
     }
 
     /// QIDO-RS: the study of a series.
     async fn study_of(&self, series: &str) -> Result<String, PeerError> {
         let url = self.url(&format!("series?SeriesInstanceUID={series}"));
-        let response = self.get(url, "application/dicom+json", "QIDO-RS").await?;
+        let response = self
+            .get(url, "application/dicom+json", "QIDO-RS", series)
+            .await?;
         let body = response.bytes().await.map_err(|e| self.peer_error(e))?;
         if body.iter().all(u8::is_ascii_whitespace) {
             // some servers answer 204 (empty) for no match
-            return Err(PeerError::SeriesNotFound(series.to_owned()));
+            return Err(self.not_found(series));
         }
-        let found: Value = serde_json::from_slice(&body).map_err(|e| PeerError::Malformed {
-            what: "QIDO-RS",
-            reason: e.to_string(),
-        })?;
-        let matches = found.as_array().ok_or_else(|| PeerError::Malformed {
-            what: "QIDO-RS",
-            reason: "not a JSON array".into(),
-        })?;
+        let found: Value =
+            serde_json::from_slice(&body).map_err(|e| self.malformed("QIDO-RS", e.to_string()))?;
+        let matches = found
+            .as_array()
+            .ok_or_else(|| self.malformed("QIDO-RS", "not a JSON array".into()))?;
         matches
             .iter()
             .find_map(|m| m["0020000D"]["Value"][0].as_str().map(str::to_owned))
-            .ok_or_else(|| PeerError::SeriesNotFound(series.to_owned()))
+            .ok_or_else(|| self.not_found(series))
     }
 
     /// The series' instances, as stored, each named by its position in the reply.
@@ -150,16 +143,7 @@ impl DicomWebClient {
         let study = self.study_of(series).await?;
         let url = self.url(&format!("studies/{study}/series/{series}"));
         let accept = "multipart/related; type=\"application/dicom\"; transfer-syntax=*";
-        let response = self
-            .get(url, accept, "WADO-RS")
-            .await
-            .map_err(|e| match e {
-                // QIDO found it, so a 404 here means it went away in between
-                PeerError::Refused { status: 404, .. } => {
-                    PeerError::SeriesNotFound(series.to_owned())
-                }
-                other => other,
-            })?;
+        let response = self.get(url, accept, "WADO-RS", series).await?;
         let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -172,9 +156,11 @@ impl DicomWebClient {
             .ok()
             .filter(|m| m.type_() == mime::MULTIPART)
             .and_then(|m| m.get_param(mime::BOUNDARY).map(|b| b.as_str().to_owned()))
-            .ok_or_else(|| PeerError::Malformed {
-                what: "WADO-RS",
-                reason: format!("content type '{content_type}' is not multipart with a boundary"),
+            .ok_or_else(|| {
+                self.malformed(
+                    "WADO-RS",
+                    format!("content type '{content_type}' is not multipart with a boundary"),
+                )
             })?;
         let limit = self.config.max_bytes;
         let stream = response.bytes_stream();
@@ -188,10 +174,10 @@ impl DicomWebClient {
                 Err(error) => return Err(self.body_error(error, series)),
             };
             if files.len() >= self.config.max_instances {
-                return Err(PeerError::Malformed {
-                    what: "WADO-RS",
-                    reason: format!(
-                        "series {series} has more than {} instances (--pacs-max-instances)",
+                return Err(PeerError::TooLarge {
+                    uid: series.to_owned(),
+                    limit: format!(
+                        "more than {} instances (--pacs-max-instances)",
                         self.config.max_instances
                     ),
                 });
@@ -200,7 +186,7 @@ impl DicomWebClient {
             files.push((format!("{series}/{}", files.len()), bytes));
         }
         if files.is_empty() {
-            return Err(PeerError::SeriesNotFound(series.to_owned()));
+            return Err(self.not_found(series));
         }
         Ok(files)
     }
@@ -209,19 +195,16 @@ impl DicomWebClient {
         match error {
             multer::Error::StreamSizeExceeded { limit } => PeerError::TooLarge {
                 uid: series.to_owned(),
-                limit,
+                limit: format!("more than {limit} bytes (--max-upload-bytes)"),
             },
             multer::Error::StreamReadFailed(cause) => match cause.downcast::<reqwest::Error>() {
                 Ok(error) => self.peer_error(*error),
                 Err(other) => PeerError::Unreachable {
-                    url: self.config.url.clone(),
+                    peer: self.peer(),
                     reason: other.to_string(),
                 },
             },
-            other => PeerError::Malformed {
-                what: "WADO-RS",
-                reason: other.to_string(),
-            },
+            other => self.malformed("WADO-RS", other.to_string()),
         }
     }
 }

@@ -861,7 +861,7 @@ pub fn assert_unknown_session(reply: &Reply, id: &str) {
     );
 }
 
-fn aiaa_error_message(reply: &Reply, keyword: &str) -> String {
+pub fn aiaa_error_message(reply: &Reply, keyword: &str) -> String {
     assert!(
         reply.content_type().starts_with("application/json"),
         "JSON error type: {}",
