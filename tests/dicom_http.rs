@@ -28,6 +28,29 @@ fn series_files() -> &'static Vec<(String, Vec<u8>)> {
     })
 }
 
+/// The fixture series as `(file name, bytes)`.
+fn series() -> impl Iterator<Item = (&'static str, &'static [u8])> {
+    series_files()
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
+}
+
+/// `params`, then one part per file named as OHIF v2 names them: `image0` … `imageN`.
+fn instance_parts<'a, 'f: 'a>(
+    params: &'a str,
+    files: impl Iterator<Item = (&'f str, &'f [u8])>,
+) -> Vec<Part<'a>> {
+    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
+    let fields = FIELDS.get_or_init(|| (0..64).map(|n| format!("image{n}")).collect());
+    let mut parts = vec![text_part("params", params)];
+    parts.extend(
+        files
+            .enumerate()
+            .map(|(n, (name, bytes))| file_part(&fields[n], name, bytes)),
+    );
+    parts
+}
+
 /// A liver voxel near the liver's centroid on the NIfTI slice, as `[i, j]` of the NIfTI (j reversed from DICOM).
 fn liver_in_nifti() -> [usize; 2] {
     let label = nifti_io::decode(
@@ -130,11 +153,7 @@ fn dicom_click() -> [usize; 2] {
 fn ohif_v2_session_of_dicom_instances() {
     let addr = real_server().addr;
     // OHIF v2's AIAA upload: params = null, then image0..image19 named image_<i>.dcm.
-    let mut parts = vec![text_part("params", "null")];
-    for (n, (name, bytes)) in series_files().iter().enumerate() {
-        let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
-        parts.push(file_part(field, name, bytes));
-    }
+    let parts = instance_parts("null", series());
     let reply = send(
         addr,
         browser_request(addr, "PUT", "/session/?expiry=600&save_as=.nii", &parts),
@@ -166,11 +185,7 @@ fn dicom_parts_and_a_zip_on_a_click() {
     let addr = real_server().addr;
     let [i, j] = dicom_click();
     let params = nrrd_params(i, j, K);
-    let mut parts = vec![text_part("params", &params)];
-    for (n, (name, bytes)) in series_files().iter().enumerate() {
-        let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
-        parts.push(file_part(field, name, bytes));
-    }
+    let parts = instance_parts(&params, series());
     let reply = send(
         addr,
         python_request(
@@ -307,11 +322,7 @@ fn bad_dicom_uploads_get_422_with_the_reason() {
     let [i, j] = dicom_click();
     let params = nrrd_params(i, j, K);
     let click = |files: &[(&str, &[u8])]| {
-        let mut parts = vec![text_part("params", &params)];
-        for (n, (name, bytes)) in files.iter().enumerate() {
-            let field: &'static str = Box::leak(format!("image{n}").into_boxed_str());
-            parts.push(file_part(field, name, bytes));
-        }
+        let parts = instance_parts(&params, files.iter().copied());
         send(
             addr,
             python_request(addr, "POST", &format!("/v1/deepgrow?model={MODEL}"), &parts),

@@ -8,32 +8,19 @@ use deepgrow_server::image::{self, OpenImage, Upload};
 use deepgrow_server::nifti_io::DecodeLimits;
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../common/mod.rs"]
+mod common;
+
 const LIMITS: DecodeLimits = DecodeLimits {
     max_decompressed_bytes: 64 << 20,
 };
 
-/// The first byte says how many files the rest is cut into (1 to 4), at the boundaries the next bytes give.
 fn files(data: &[u8]) -> Vec<(String, Bytes)> {
-    let Some((&count, rest)) = data.split_first() else {
-        return Vec::new();
-    };
-    let count = usize::from(count % 4) + 1;
-    if count == 1 || rest.len() < 2 * count {
-        return vec![("f0.dcm".into(), Bytes::copy_from_slice(rest))];
-    }
-    let (cuts, body) = rest.split_at(count - 1);
-    let mut bounds: Vec<usize> = cuts
-        .iter()
-        .map(|&c| usize::from(c) * body.len() / 256)
-        .collect();
-    bounds.sort_unstable();
-    let mut out = Vec::new();
-    let mut start = 0;
-    for (n, end) in bounds.into_iter().chain(std::iter::once(body.len())).enumerate() {
-        out.push((format!("f{n}.dcm"), Bytes::copy_from_slice(&body[start..end])));
-        start = end;
-    }
-    out
+    common::cut_files(data)
+        .into_iter()
+        .enumerate()
+        .map(|(n, file)| (format!("f{n}.dcm"), Bytes::copy_from_slice(file)))
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {
