@@ -47,7 +47,7 @@ print(study["MainDicomTags"]["StudyInstanceUID"], s["MainDicomTags"]["SeriesInst
     logged=$(grep '"series pulled by C-GET"' "$scratch/server.log" | tail -n1 | python3 -c '
 import json, sys
 f = json.loads(sys.stdin.read())["fields"]
-print(f"fetched_ms={f[\"fetched_ms\"]} ready_ms={f[\"ready_ms\"]} bytes={f[\"bytes\"]}")')
+print("fetched_ms=%s ready_ms=%s bytes=%s" % (f["fetched_ms"], f["ready_ms"], f["bytes"]))')
     k=$((count / 2))
     click=$(curl -s -o /dev/null -w '%{time_total}' \
       -F "params={\"foreground\":[[256,256,$k]],\"background\":[],\"result_extension\":\".nrrd\"}" \

@@ -247,10 +247,15 @@ impl Retrieval<'_> {
                     options.with_presentation_context(Cow::from(class), vec![Cow::from(*syntax)]);
             }
         }
-        options
+        let mut association = options
             .establish_async((self.query.host.as_str(), self.query.port))
             .await
-            .map_err(|e| self.association_error(e))
+            .map_err(|e| self.association_error(e))?;
+        // Our C-STORE responses are small writes the PACS waits for: not held back by Nagle's algorithm.
+        if let Err(error) = association.inner_stream().set_nodelay(true) {
+            tracing::warn!(peer = %self.peer, %error, "TCP_NODELAY not set on the PACS connection");
+        }
+        Ok(association)
     }
 
     fn association_error(&self, error: AssociationError) -> PeerError {
@@ -354,6 +359,7 @@ impl Retrieval<'_> {
         let mut command = Vec::new();
         let mut incoming: Option<IncomingInstance> = None;
         loop {
+            quick_ack(association.inner_stream());
             let pdu = association
                 .receive()
                 .await
@@ -556,6 +562,19 @@ impl Retrieval<'_> {
             status_meaning(status)
         )))
     }
+}
+
+/// ACKs what arrives at once. A PACS (DCMTK's, in Orthanc) writes an instance's last, short segment only when
+/// the ones before it are ACKed, and Linux delays an ACK up to 40 ms: one instance in two waited that long
+/// (8.8 s of 10.7 s for 200 JPEG 2000 slices from Orthanc). Linux leaves quick-ACK mode on its own, so this
+/// is set before every read.
+fn quick_ack(stream: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = stream;
 }
 
 fn status_meaning(status: u16) -> &'static str {
