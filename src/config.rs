@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::dicom::PacsNode;
+use crate::dicom::{ae_title, PacsNode};
 use crate::engine::Kernels;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,7 +147,7 @@ pub struct Config {
     pub pacs: Vec<PacsNode>,
 
     /// Our AE title (the calling AE) in DIMSE associations with a PACS.
-    #[arg(long, env = "DEEPGROW_AE_TITLE", default_value = "DEEPGROW", value_parser = parse_ae_title)]
+    #[arg(long, env = "DEEPGROW_AE_TITLE", default_value = "DEEPGROW", value_parser = ae_title)]
     pub ae_title: String,
 
     /// Seconds to connect to a PACS.
@@ -165,22 +165,6 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "DEEPGROW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-/// An AE title: 1 to 16 printable ASCII characters, not all spaces, no backslash.
-fn parse_ae_title(text: &str) -> Result<String, String> {
-    let title = text.trim();
-    if title.is_empty()
-        || title.len() > 16
-        || !title
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
-    {
-        return Err(format!(
-            "an AE title is 1 to 16 printable ASCII characters without '\\', got '{text}'"
-        ));
-    }
-    Ok(title.to_owned())
 }
 
 /// A positive, finite number of seconds ("2", "0.5").

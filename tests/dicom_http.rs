@@ -149,15 +149,10 @@ fn dicom_click() -> [usize; 2] {
     [i, 511 - j]
 }
 
-#[test]
-fn ohif_v2_session_of_dicom_instances() {
-    let addr = real_server().addr;
-    // OHIF v2's AIAA upload: params = null, then image0..image19 named image_<i>.dcm.
-    let parts = instance_parts("null", series());
-    let reply = send(
-        addr,
-        browser_request(addr, "PUT", "/session/?expiry=600&save_as=.nii", &parts),
-    );
+/// `reply` created a session of the fixture series; OHIF v2's click on it gets the full-volume uint16 NRRD
+/// with the NIfTI click's mask on frame K of its stack (OHIF v2 overwrites frame z, in position order, with
+/// slice z).
+fn assert_ohif_v2_click_on_the_session(addr: std::net::SocketAddr, reply: &Reply, what: &str) {
     let session = reply.ok().json();
     assert_eq!(
         session["session_info"]["meta"]["shape"],
@@ -174,10 +169,21 @@ fn ohif_v2_session_of_dicom_instances() {
             &[text_part("params", &nrrd_params(i, j, K))],
         ),
     );
-    // OHIF v2 overwrites frame z of its stack (in position order) with slice z: only slice K is set.
     let nrrd = parse_nrrd(&click.ok().body);
     assert_eq!(nrrd.field("type"), "uint16");
-    assert_same_mask(&mask_pixels(&nrrd, [512, 512, 20], K), "OHIF v2 session");
+    assert_same_mask(&mask_pixels(&nrrd, [512, 512, 20], K), what);
+}
+
+#[test]
+fn ohif_v2_session_of_dicom_instances() {
+    let addr = real_server().addr;
+    // OHIF v2's AIAA upload: params = null, then image0..image19 named image_<i>.dcm.
+    let parts = instance_parts("null", series());
+    let reply = send(
+        addr,
+        browser_request(addr, "PUT", "/session/?expiry=600&save_as=.nii", &parts),
+    );
+    assert_ohif_v2_click_on_the_session(addr, &reply, "OHIF v2 session");
 }
 
 #[test]
@@ -613,31 +619,8 @@ fn ohif_v2_pulls_the_series_from_the_pacs_by_c_get() {
     let addr = server.addr;
 
     let reply = ohif_pacs_session(addr, pacs_body(orthanc.dicom_port, SERIES_UID));
-    let session = reply.ok().json();
     assert!(reply.header("access-control-allow-origin").is_some());
-    assert_eq!(
-        session["session_info"]["meta"]["shape"],
-        serde_json::json!([512, 512, 20])
-    );
-    let id = session["session_id"].as_str().unwrap();
-
-    // OHIF v2's click on that session: the full-volume uint16 NRRD, the mask on frame K of its stack.
-    let [i, j] = dicom_click();
-    let click = send(
-        addr,
-        browser_request(
-            addr,
-            "POST",
-            &format!("/v1/deepgrow?model={MODEL}&session_id={id}&output=image"),
-            &[text_part("params", &nrrd_params(i, j, K))],
-        ),
-    );
-    let nrrd = parse_nrrd(&click.ok().body);
-    assert_eq!(nrrd.field("type"), "uint16");
-    assert_same_mask(
-        &mask_pixels(&nrrd, [512, 512, 20], K),
-        "OHIF v2 session pulled by C-GET",
-    );
+    assert_ohif_v2_click_on_the_session(addr, &reply, "OHIF v2 session pulled by C-GET");
 
     // A series the PACS does not have: 404 naming it; one with more instances than allowed: 413.
     let missing = ohif_pacs_session(addr, pacs_body(orthanc.dicom_port, "1.2.3.999"));

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use super::multipart::{content_type, drain, UploadForm};
 use super::SharedState;
 use crate::admission::{off_runtime, Reservation};
-use crate::dicom::SeriesQuery;
+use crate::dicom::{ae_title, SeriesQuery};
 use crate::error::{ApiError, FieldError};
 use crate::image::{self, Format, Upload};
 use crate::nifti_io::{FileBytes, Volume};
@@ -235,15 +235,7 @@ impl PacsSeries {
                 )));
             }
         }
-        let ae_title = self.ae_title.trim();
-        if ae_title.is_empty()
-            || ae_title.len() > 16
-            || !ae_title.bytes().all(|b| (0x20..0x7f).contains(&b))
-        {
-            return Err(bad(format!(
-                "ae_title must be 1 to 16 ASCII characters, got '{ae_title}'"
-            )));
-        }
+        let called_ae = ae_title(&self.ae_title).map_err(|e| bad(format!("ae_title: {e}")))?;
         let host = self.server_address.trim();
         if host.is_empty() {
             return Err(bad("server_address is empty".into()));
@@ -251,7 +243,7 @@ impl PacsSeries {
         Ok(SeriesQuery {
             host: host.to_owned(),
             port,
-            called_ae: ae_title.to_owned(),
+            called_ae,
             patient_id: self
                 .patient_id
                 .map(|p| p.trim().to_owned())

@@ -98,6 +98,23 @@ impl std::str::FromStr for PacsNode {
     }
 }
 
+/// An AE title (ours from `--ae-title`, or a PACS's from a client): 1 to 16 printable ASCII characters, not
+/// all spaces, no backslash; returned trimmed.
+pub fn ae_title(text: &str) -> Result<String, String> {
+    let title = text.trim();
+    if title.is_empty()
+        || title.len() > 16
+        || !title
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        return Err(format!(
+            "an AE title is 1 to 16 printable ASCII characters without '\\', got '{text}'"
+        ));
+    }
+    Ok(title.to_owned())
+}
+
 /// How to talk DIMSE, and to whom.
 #[derive(Debug, Clone)]
 pub struct DimseConfig {

@@ -9,7 +9,7 @@ mod scan;
 pub mod series;
 pub mod web;
 
-pub use dimse::{DimseClient, DimseConfig, PacsNode, SeriesQuery};
+pub use dimse::{ae_title, DimseClient, DimseConfig, PacsNode, SeriesQuery};
 pub use peer::PeerError;
 pub use series::{open_series, DicomError, DicomFile, Series};
 pub use web::{DicomWebClient, DicomWebConfig};
