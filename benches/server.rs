@@ -165,7 +165,7 @@ fn start_server() -> SocketAddr {
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let state = deepgrow_server::build_state(&config, registry);
+            let state = deepgrow_server::build_state(&config, registry).expect("state");
             deepgrow_server::serve(listener, state, &config, std::future::pending())
                 .await
                 .unwrap();

@@ -19,6 +19,7 @@ pub struct Pool {
     name: &'static str,
     admission: Arc<Semaphore>,
     workers: Arc<Semaphore>,
+    worker_count: usize,
     capacity: usize,
 }
 
@@ -29,6 +30,7 @@ impl Pool {
             name,
             admission: Arc::new(Semaphore::new(workers + queue)),
             workers: Arc::new(Semaphore::new(workers)),
+            worker_count: workers,
             capacity: workers + queue,
         }
     }
@@ -49,6 +51,12 @@ impl Pool {
     /// Requests admitted (working or waiting) right now.
     pub fn admitted(&self) -> usize {
         self.capacity - self.admission.available_permits()
+    }
+
+    /// Admitted requests whose work is running on a worker right now (the rest are queued).
+    pub fn working(&self) -> usize {
+        self.worker_count
+            .saturating_sub(self.workers.available_permits())
     }
 }
 

@@ -95,6 +95,22 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
 
+    /// Where sessions live: `memory` (this process; the default), or `redis://[:password@]host:port[/db]`,
+    /// shared by every replica of a fleet: any replica then serves any session, and a replica's restart or
+    /// death loses none. The memory bounds above then bound each replica's local cache of volumes.
+    #[arg(long, env = "DEEPGROW_SESSION_STORE", default_value = "memory", value_parser = parse_session_store, hide_env_values = true)]
+    pub session_store: SessionBackend,
+
+    /// Seconds one operation on a shared session store may take before the request gets 503.
+    #[arg(long, env = "DEEPGROW_SESSION_STORE_TIMEOUT", default_value = "2", value_parser = parse_seconds)]
+    pub session_store_timeout: Duration,
+
+    /// Seconds between SIGTERM and closing the listener, while `/ready` already answers 503 so that load
+    /// balancers stop sending new requests (Kubernetes: a little more than the endpoints' propagation). In-flight
+    /// requests then finish before the process exits.
+    #[arg(long, env = "DEEPGROW_SHUTDOWN_DELAY", default_value = "0", value_parser = parse_delay)]
+    pub shutdown_delay: Duration,
+
     /// Seconds between sweeps that drop expired sessions and hand freed memory back to the OS.
     #[arg(long, env = "DEEPGROW_SWEEP_INTERVAL", default_value = "30", value_parser = parse_seconds)]
     pub sweep_interval: Duration,
@@ -165,6 +181,41 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "DEEPGROW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// Where sessions are kept (`--session-store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionBackend {
+    Memory,
+    /// A Redis URL, checked when parsed.
+    Redis(String),
+}
+
+fn parse_session_store(text: &str) -> Result<SessionBackend, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("memory") {
+        return Ok(SessionBackend::Memory);
+    }
+    if !(text.starts_with("redis://")
+        || text.starts_with("redis+unix://")
+        || text.starts_with("unix://"))
+    {
+        return Err(format!(
+            "expected 'memory' or a redis://host:port[/db] URL, got '{}'",
+            text.split('@').next_back().unwrap_or(text)
+        ));
+    }
+    redis::Client::open(text)
+        .map(|_| SessionBackend::Redis(text.to_owned()))
+        .map_err(|e| format!("not a usable Redis URL: {e}"))
+}
+
+/// A finite number of seconds, zero allowed.
+fn parse_delay(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(0.0) => Ok(Duration::ZERO),
+        _ => parse_seconds(text),
+    }
 }
 
 /// A positive, finite number of seconds ("2", "0.5").
@@ -246,6 +297,24 @@ mod tests {
         assert_eq!(config.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.body_timeout, Duration::from_secs(30));
         assert_eq!(config.request_timeout, Duration::from_secs(600));
+        assert_eq!(config.session_store, SessionBackend::Memory);
+        assert_eq!(config.shutdown_delay, Duration::ZERO);
+    }
+
+    #[test]
+    fn session_stores_parse() {
+        assert_eq!(
+            parse_session_store("redis://cache:6379/1"),
+            Ok(SessionBackend::Redis("redis://cache:6379/1".into()))
+        );
+        assert_eq!(parse_session_store("MEMORY"), Ok(SessionBackend::Memory));
+        let refused = parse_session_store("http://user:secret@cache:6379").unwrap_err();
+        assert!(
+            refused.contains("redis://") && !refused.contains("secret"),
+            "{refused}"
+        );
+        assert_eq!(parse_delay("0"), Ok(Duration::ZERO));
+        assert!(parse_delay("-1").is_err());
     }
 
     #[test]

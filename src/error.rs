@@ -8,6 +8,7 @@ use crate::deepgrow::DeepgrowError;
 use crate::dicom::{DicomError, PeerError};
 use crate::engine::EngineError;
 use crate::nifti_io::NiftiError;
+use crate::sessions::SessionError;
 
 /// AIAA's status for an unknown or expired session (clients map it to "session expired").
 pub const SESSION_EXPIRED: u16 = 440;
@@ -50,6 +51,9 @@ pub enum ApiError {
     RequestTimeout(String),
     #[error("the server is busy with other requests ({0} full); retry shortly")]
     Overloaded(&'static str),
+    /// The shared session store (Redis) is down, slow or failing: a peer fault, logged where it happened.
+    #[error("{0}")]
+    StoreUnavailable(String),
     #[error("inference failed")]
     Engine(#[from] EngineError),
     #[error("internal error")]
@@ -78,7 +82,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) | ApiError::StoreUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Engine(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Peer(e) => {
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -103,11 +109,25 @@ impl ApiError {
             ApiError::Unauthorized => "Unauthorized",
             ApiError::RequestTimeout(_) => "RequestTimeout",
             ApiError::Overloaded(_) => "Overloaded",
+            ApiError::StoreUnavailable(_) => "SessionStoreUnavailable",
             ApiError::Engine(_) => "InferenceError",
             ApiError::Internal(_) => "InternalError",
             ApiError::Peer(PeerError::SeriesNotFound { .. }) => "NotFound",
             ApiError::Peer(PeerError::NotAllowed { .. }) => "Forbidden",
             ApiError::Peer(_) => "PacsError",
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::TooLarge { needed, budget } => ApiError::PayloadTooLarge(format!(
+                "the volume needs {needed} bytes in memory, more than the session budget of {budget} bytes"
+            )),
+            unavailable @ SessionError::Unavailable { .. } => {
+                ApiError::StoreUnavailable(unavailable.to_string())
+            }
         }
     }
 }
@@ -171,7 +191,7 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         match self {
-            ApiError::Overloaded(_) => {
+            ApiError::Overloaded(_) | ApiError::StoreUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized => {

@@ -12,6 +12,7 @@ pub mod dicom;
 pub mod engine;
 pub mod error;
 pub mod image;
+pub mod metrics;
 pub mod models;
 pub mod nifti_io;
 pub mod sessions;
@@ -25,12 +26,13 @@ use tracing_subscriber::EnvFilter;
 
 use crate::admission::{Budget, Pool};
 use crate::api::{AppState, RequestPolicy, SharedState};
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, SessionBackend};
 use crate::dicom::{DicomWebClient, DicomWebConfig, DimseClient, DimseConfig};
 use crate::engine::{Engine, TractEngine};
+use crate::metrics::{Metrics, ModelLabels};
 use crate::models::Registry;
 use crate::nifti_io::DecodeLimits;
-use crate::sessions::{SessionLimits, SessionStore};
+use crate::sessions::{MemoryStore, RedisConfig, RedisStore, SessionLimits, SessionStore};
 
 pub use crate::api::app;
 
@@ -68,24 +70,53 @@ pub fn load_models(config: &Config) -> anyhow::Result<Registry> {
 }
 
 /// The shared state for a registry under a configuration.
-pub fn build_state(config: &Config, registry: Registry) -> SharedState {
-    Arc::new(AppState {
+pub fn build_state(config: &Config, registry: Registry) -> anyhow::Result<SharedState> {
+    let metrics = Arc::new(Metrics::new());
+    for model in registry.models() {
+        metrics
+            .models
+            .get_or_create(&ModelLabels {
+                name: model.info.name.clone(),
+                version: model.info.version.clone(),
+                model_type: model.info.model_type.clone(),
+                kernels: model.engine.kernel_name(),
+            })
+            .set(1);
+    }
+    let limits = SessionLimits {
+        // The operator's cap wins over the default.
+        default_expiry: Duration::from_secs(config.session_expiry.min(config.session_max_expiry)),
+        max_expiry: Duration::from_secs(config.session_max_expiry),
+        memory_budget: config.session_memory_bytes,
+        max_sessions: config.max_sessions.max(1),
+    };
+    let decode_limits = DecodeLimits {
+        max_decompressed_bytes: config.max_decompressed_bytes,
+    };
+    let sessions: Box<dyn SessionStore> = match &config.session_store {
+        SessionBackend::Memory => Box::new(MemoryStore::new(limits)),
+        SessionBackend::Redis(url) => Box::new(
+            RedisStore::new(
+                &RedisConfig {
+                    url: url.clone(),
+                    timeout: config.session_store_timeout,
+                },
+                limits,
+                metrics.clone(),
+                decode_limits,
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    Ok(Arc::new(AppState {
         registry,
-        sessions: SessionStore::new(SessionLimits {
-            // The operator's cap wins over the default.
-            default_expiry: Duration::from_secs(
-                config.session_expiry.min(config.session_max_expiry),
-            ),
-            max_expiry: Duration::from_secs(config.session_max_expiry),
-            memory_budget: config.session_memory_bytes,
-            max_sessions: config.max_sessions.max(1),
-        }),
+        sessions,
+        metrics,
+        draining: std::sync::atomic::AtomicBool::new(false),
         decode_pool: Pool::new("decode queue", config.decode_workers(), config.queue),
         infer_pool: Pool::new("inference queue", config.workers(), config.queue),
         budget: Budget::new(config.max_inflight_bytes(), config.inflight_wait),
-        decode_limits: DecodeLimits {
-            max_decompressed_bytes: config.max_decompressed_bytes,
-        },
+        decode_limits,
         policy: RequestPolicy {
             max_upload_bytes: config.max_upload_bytes,
             body_timeout: config.body_timeout,
@@ -112,7 +143,7 @@ pub fn build_state(config: &Config, registry: Registry) -> SharedState {
             max_instances: config.pacs_max_instances,
         }),
         started: Instant::now(),
-    })
+    }))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; in-flight requests finish first.
@@ -239,7 +270,7 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!("shutdown requested");
 }
 
 /// Loads and warms the models, then listens (the server answers only once it is ready).
@@ -247,7 +278,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let start = Instant::now();
     let load_config = config.clone();
     let registry = tokio::task::spawn_blocking(move || load_models(&load_config)).await??;
-    let state = build_state(&config, registry);
+    let state = build_state(&config, registry)?;
     let address = std::net::SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -255,11 +286,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         address = %listener.local_addr()?,
         models = ?state.registry.models().iter().map(|m| m.info.name.as_str()).collect::<Vec<_>>(),
+        session_store = state.sessions.kind(),
         workers = config.workers(),
         decode_workers = config.decode_workers(),
         inflight_budget_bytes = state.budget.total_bytes(),
         ready_ms = start.elapsed().as_millis() as u64,
         "deepgrow-server ready"
     );
-    serve(listener, state, &config, shutdown_signal()).await
+    let draining = state.clone();
+    let delay = config.shutdown_delay;
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Readiness first, so that load balancers stop routing here while the listener still accepts.
+        draining
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_s = delay.as_secs_f64(),
+                "draining: /ready answers 503, requests are still served until the listener closes"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!("closing the listener: finishing in-flight requests");
+    };
+    serve(listener, state, &config, shutdown).await?;
+    tracing::info!("in-flight requests finished; exiting");
+    Ok(())
 }

@@ -336,6 +336,34 @@ impl Volume {
     pub fn byte_size(&self) -> usize {
         self.data.byte_size() + HEADER_SIZE
     }
+
+    /// The volume as an uncompressed single-file NIfTI-1 of its own header and voxels (extensions dropped),
+    /// which [`decode`] reads back to an equal volume with one copy: what a shared session store holds, so
+    /// that another replica gets it back without the original upload's inflating or DICOM decoding.
+    /// [`Geometry::rows_reversed`] and [`Volume::was_compressed`] are not in it; the store keeps them.
+    pub fn to_nifti(&self) -> Vec<u8> {
+        let big_endian = self.geometry.endianness == Endianness::Big;
+        let mut header = *self.geometry.raw_header;
+        put_ordered!(header, 108, MIN_SINGLE_FILE_OFFSET as f32, big_endian); // vox_offset
+        header[344..348].copy_from_slice(b"n+1\0");
+        let mut file = Vec::with_capacity(MIN_SINGLE_FILE_OFFSET + self.data.byte_size());
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&[0u8; MIN_SINGLE_FILE_OFFSET - HEADER_SIZE]); // no extensions
+        with_voxels!(&self.data, values => {
+            if big_endian == cfg!(target_endian = "big") {
+                file.extend_from_slice(bytemuck::cast_slice(values.as_slice()));
+            } else {
+                for value in values {
+                    file.extend_from_slice(&if big_endian {
+                        value.to_be_bytes()
+                    } else {
+                        value.to_le_bytes()
+                    });
+                }
+            }
+        });
+        file
+    }
 }
 
 /// Plane `k` of i-fastest voxels as an (H, W) array indexed `[i, j]`, scaled to `f32` as nibabel + MONAI would.

@@ -292,6 +292,34 @@ fn accepted_files_decode_to_nibabel_values() {
     );
 }
 
+/// A shared session store keeps a volume as `Volume::to_nifti`: every accepted file, big-endian, scaled and
+/// extended ones included, must come back from it equal (header, voxels, scaling).
+#[test]
+fn every_accepted_volume_survives_its_stored_form() {
+    let mut checked = 0;
+    for (name, entry) in expected() {
+        if entry["action"] != "ACCEPT" {
+            continue;
+        }
+        let volume = decode(&file_bytes(&entry), limits()).unwrap();
+        let stored = volume.to_nifti();
+        let mut back = decode(&stored, limits()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!back.was_compressed, "{name}: the stored form is raw");
+        back.was_compressed = volume.was_compressed;
+        assert_eq!(back.geometry.shape, volume.geometry.shape, "{name}");
+        assert_eq!(back.geometry.affine, volume.geometry.affine, "{name}");
+        assert_eq!(back.scaling, volume.scaling, "{name}");
+        // bit for bit (NaN voxels included), header and voxels
+        assert!(
+            back.to_nifti() == stored,
+            "{name}: the stored form does not read back to itself"
+        );
+        assert_eq!(back.data.byte_size(), volume.data.byte_size(), "{name}");
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} accepted entries");
+}
+
 #[test]
 fn rejected_files_fail_with_a_reason() {
     let mut problems = Vec::new();

@@ -67,7 +67,7 @@ pub fn router(auth: bool) -> axum::Router {
 /// A fresh router and state of `config`, serving the fake model.
 pub fn router_with(config: &Config) -> axum::Router {
     let registry = Registry::new(vec![crate::common::fake_model(MODEL)]);
-    let state = deepgrow_server::build_state(config, registry);
+    let state = deepgrow_server::build_state(config, registry).expect("state");
     deepgrow_server::app(state, &config.cors_origins)
 }
 

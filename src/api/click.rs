@@ -17,7 +17,6 @@ use crate::error::ApiError;
 use crate::image::{Format, Upload};
 use crate::models::Model;
 use crate::nifti_io::{FileBytes, MaskFile, Volume};
-use crate::sessions::SessionError;
 
 /// The body of a click request.
 pub enum ClickBody {
@@ -121,7 +120,7 @@ async fn on_volume(
 /// expiry), or retrieved over DICOMweb and decoded on a decode worker.
 async fn fetched_series(state: &SharedState, uid: &str) -> Result<Arc<Volume>, ApiError> {
     let key = format!("dicomweb:{uid}");
-    if let Some(volume) = state.sessions.volume(&key) {
+    if let Some(volume) = state.sessions.volume(&key).await? {
         return Ok(volume);
     }
     let client = state
@@ -139,11 +138,7 @@ async fn fetched_series(state: &SharedState, uid: &str) -> Result<Arc<Volume>, A
     state
         .sessions
         .insert(key, volume.clone(), uid.to_owned(), None)
-        .map_err(|SessionError::TooLarge { needed, budget }| {
-            ApiError::PayloadTooLarge(format!(
-                "series {uid} needs {needed} bytes in memory, more than the session budget of {budget} bytes"
-            ))
-        })?;
+        .await?;
     tracing::info!(
         series = %uid,
         shape = ?volume.geometry.shape,
@@ -199,6 +194,7 @@ pub async fn click(
             let volume = state
                 .sessions
                 .volume(id)
+                .await?
                 .ok_or_else(|| ApiError::SessionExpired(id.to_owned()))?;
             on_volume(state, model, volume, params).await?
         }
@@ -274,6 +270,7 @@ pub async fn click(
         }
         (None, _, _) => return Err(ApiError::NoImage),
     };
+    state.metrics.observe_click(&annotation.params.latencies);
     tracing::info!(
         model = %annotation.params.model,
         slice = annotation.params.slice,

@@ -7,11 +7,12 @@ mod multipart;
 mod params;
 mod session;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, Method};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -25,6 +26,7 @@ use tower_http::trace::TraceLayer;
 use crate::admission::{Budget, Pool};
 use crate::dicom::{DicomWebClient, DimseClient};
 use crate::error::ApiError;
+use crate::metrics::{Metrics, PoolLabels, RequestLabels};
 use crate::models::{Model, Registry};
 use crate::nifti_io::DecodeLimits;
 use crate::sessions::SessionStore;
@@ -47,7 +49,11 @@ pub struct RequestPolicy {
 /// Everything the handlers share.
 pub struct AppState {
     pub registry: Registry,
-    pub sessions: SessionStore,
+    pub sessions: Box<dyn SessionStore>,
+    pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM: `/ready` answers 503 so that load balancers stop sending requests before the listener
+    /// closes.
+    pub draining: AtomicBool,
     /// Workers for decoding uploads.
     pub decode_pool: Pool,
     /// Workers for running the network.
@@ -118,7 +124,8 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/health", get(health))
-        .route("/ready", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .nest("/v1", v1.clone())
         // C++/MITK users told to enter ".../v1" as the server send /v1/v1/... (AIAA client issue #21).
         .nest("/v1/v1", v1)
@@ -141,6 +148,7 @@ pub fn app(state: SharedState, cors_origins: &[String]) -> Router {
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(cors(cors_origins))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
@@ -230,7 +238,7 @@ async fn require_token(State(state): State<SharedState>, request: Request, next:
     let Some(expected) = state.policy.auth_token.as_deref() else {
         return next.run(request).await;
     };
-    if matches!(request.uri().path(), "/health" | "/ready") {
+    if matches!(request.uri().path(), "/health" | "/ready" | "/metrics") {
         return next.run(request).await;
     }
     let presented = request
@@ -262,10 +270,91 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Counts every answered request by its declared route (unmatched paths as one), method and status.
+async fn count_request(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let labels = RequestLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    state
+        .metrics
+        .request_seconds
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`: Prometheus' scrape, the gauges read now.
+async fn metrics(State(state): State<SharedState>) -> Response {
+    let metrics = &state.metrics;
+    for (pool, admitted, working) in [
+        (
+            "decode",
+            state.decode_pool.admitted(),
+            state.decode_pool.working(),
+        ),
+        (
+            "infer",
+            state.infer_pool.admitted(),
+            state.infer_pool.working(),
+        ),
+    ] {
+        let labels = PoolLabels { pool };
+        metrics.working.get_or_create(&labels).set(working as i64);
+        metrics
+            .queued
+            .get_or_create(&labels)
+            .set(admitted.saturating_sub(working) as i64);
+    }
+    let (sessions, session_bytes) = state.sessions.usage();
+    metrics.sessions.set(sessions as i64);
+    metrics.session_bytes.set(session_bytes as i64);
+    metrics.inflight_bytes.set(state.budget.held_bytes() as i64);
+    metrics
+        .inflight_budget_bytes
+        .set(state.budget.total_bytes() as i64);
+    metrics
+        .ready
+        .set(i64::from(!state.draining.load(Ordering::Relaxed)));
+    metrics
+        .uptime_seconds
+        .set(state.started.elapsed().as_secs_f64());
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        metrics.encode(),
+    )
+        .into_response()
+}
+
+/// `GET /ready`: 200 while the server takes traffic, 503 once it drains for shutdown (`/health` stays 200, so
+/// a liveness probe does not kill a draining replica).
+async fn ready(State(state): State<SharedState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    health(State(state)).await.into_response()
+}
+
 async fn health(State(state): State<SharedState>) -> Json<serde_json::Value> {
     let (sessions, session_bytes) = state.sessions.usage();
+    let draining = state.draining.load(Ordering::Relaxed);
     Json(serde_json::json!({
-        "status": "ready",
+        "status": if draining { "draining" } else { "ready" },
+        "session_store": state.sessions.kind(),
         "models": state.registry.models().iter().map(|m| &m.info.name).collect::<Vec<_>>(),
         "sessions": sessions,
         "session_bytes": session_bytes,
@@ -301,7 +390,8 @@ async fn index(State(state): State<SharedState>) -> Html<String> {
          <h2>Models</h2><ul>{models}</ul>\
          <h2>Endpoints</h2><ul><li>GET /v1/models</li><li>POST /v1/deepgrow, POST /v1/inference</li>\
          <li>PUT /session/, GET /session/{{id}}, DELETE /session/{{id}}</li>\
-         <li>MONAI Label: GET /info/, POST /infer/{{model}}, GET /train/, GET /datastore/</li><li>GET /health</li></ul>\
+         <li>MONAI Label: GET /info/, POST /infer/{{model}}, GET /train/, GET /datastore/</li>\
+         <li>GET /health, GET /ready, GET /metrics (Prometheus)</li></ul>\
          </body></html>",
         env!("CARGO_PKG_VERSION")
     ))

@@ -23,7 +23,6 @@ use crate::dicom::{ae_title, SeriesQuery};
 use crate::error::{ApiError, FieldError};
 use crate::image::{self, Format, Upload};
 use crate::nifti_io::{FileBytes, Volume};
-use crate::sessions::SessionError;
 
 #[derive(Debug, Deserialize)]
 pub struct CreateQuery {
@@ -129,7 +128,7 @@ async fn create_from_form(
         let files = form.buffer_series(part, &mut reservation).await?;
         decode_series(state, files, reservation).await?
     };
-    store(state, volume, name, expiry)
+    store(state, volume, name, expiry).await
 }
 
 /// Decodes a whole image, holding its volume's bytes against the in-flight budget until a session takes it.
@@ -159,22 +158,20 @@ pub(super) async fn decode_series(
 }
 
 /// A new session of `volume`, answered as both APIs' clients read it.
-fn store(
+async fn store(
     state: &SharedState,
     volume: Volume,
     name: String,
     expiry: Option<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    let (id, info) = state
+    let info = state
         .sessions
         .create(Arc::new(volume), name, expiry)
-        .map_err(|SessionError::TooLarge { needed, budget }| {
-            ApiError::PayloadTooLarge(format!(
-                "the volume needs {needed} bytes in memory, more than the session budget of {budget} bytes"
-            ))
-        })?;
-    tracing::info!(session = %id, shape = ?info.meta.shape, "session created");
-    Ok(Json(json!({ "session_id": id, "session_info": info })))
+        .await?;
+    tracing::info!(session = %info.name, shape = ?info.meta.shape, store = state.sessions.kind(), "session created");
+    Ok(Json(
+        json!({ "session_id": info.name, "session_info": info }),
+    ))
 }
 
 /// The largest DICOM-fetch body read: it is a few hundred bytes of UIDs.
@@ -307,7 +304,7 @@ async fn pull_from_pacs(
         ready_ms = started.elapsed().as_millis() as u64,
         "series pulled by C-GET"
     );
-    store(state, volume, series.series_uid, expiry)
+    store(state, volume, series.series_uid, expiry).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,18 +322,20 @@ pub async fn get(
         .update_ts
         .as_deref()
         .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1"));
-    match state.sessions.info(&id, refresh) {
-        Some(info) => Json(info).into_response(),
-        None => ApiError::SessionExpired(id).into_shared_response(),
+    match state.sessions.info(&id, refresh).await {
+        Ok(Some(info)) => Json(info).into_response(),
+        Ok(None) => ApiError::SessionExpired(id).into_shared_response(),
+        Err(error) => ApiError::from(error).into_shared_response(),
     }
 }
 
 pub async fn delete(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
-    match state.sessions.remove(&id) {
-        Some(info) => {
+    match state.sessions.remove(&id).await {
+        Ok(Some(info)) => {
             tracing::info!(session = %id, "session closed");
             Json(json!({ "session_id": id, "session_info": info, "deleted": true })).into_response()
         }
-        None => ApiError::SessionExpired(id).into_shared_response(),
+        Ok(None) => ApiError::SessionExpired(id).into_shared_response(),
+        Err(error) => ApiError::from(error).into_shared_response(),
     }
 }

@@ -68,4 +68,9 @@ pub trait Engine: Send + Sync + 'static {
     /// The fixed network input size `[H, W]` the engine was built for.
     fn input_size(&self) -> [usize; 2];
     fn infer(&self, input: Array4<f32>) -> Result<Array2<f32>, EngineError>;
+
+    /// The kernels it runs the network with, as metrics and logs name them.
+    fn kernel_name(&self) -> String {
+        "unknown".to_owned()
+    }
 }

@@ -97,6 +97,13 @@ impl Engine for TractEngine {
         self.input_size
     }
 
+    fn kernel_name(&self) -> String {
+        clap::ValueEnum::to_possible_value(&self.kernels()).map_or_else(
+            || format!("{:?}", self.kernels()),
+            |v| v.get_name().to_owned(),
+        )
+    }
+
     fn infer(&self, input: Array4<f32>) -> Result<Array2<f32>, EngineError> {
         let [h, w] = self.input_size;
         if input.shape() != [1, 3, h, w] {

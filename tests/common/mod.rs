@@ -61,7 +61,7 @@ pub fn start(config: Config, registry: Registry) -> TestServer {
                 .await
                 .expect("bind a free port");
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            let state = deepgrow_server::build_state(&config, registry);
+            let state = deepgrow_server::build_state(&config, registry).expect("state");
             let shutdown = async move {
                 let _ = shutdown_rx.await;
             };

@@ -1,42 +1,14 @@
-//! Sessions: decoded volumes kept in memory so a click with `session_id` skips upload and decode.
-//! Expiry is sliding (each use refreshes it); a memory budget and a count bound evict the least recently
-//! used sessions, which then answer 440 like expired ones.
+//! The in-memory store: one process's sessions, under a memory budget and a count bound that evict the least
+//! recently used, which then answer as expired ones do. Also the local volume cache of a [`super::RedisStore`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
-use serde::Serialize;
 
+use super::{epoch_secs, meta_of, SessionError, SessionInfo, SessionLimits, SessionStore};
 use crate::nifti_io::Volume;
-
-#[derive(Debug, Clone, Copy)]
-pub struct SessionLimits {
-    pub default_expiry: Duration,
-    pub max_expiry: Duration,
-    pub memory_budget: usize,
-    pub max_sessions: usize,
-}
-
-/// What `PUT /session/` and `GET /session/{id}` report (MONAI Label's session-info fields, minus server paths).
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionInfo {
-    pub name: String,
-    pub image: String,
-    pub meta: SessionMeta,
-    pub create_ts: u64,
-    pub last_access_ts: u64,
-    pub expiry: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionMeta {
-    pub shape: [usize; 3],
-    pub datatype: &'static str,
-    pub bytes: usize,
-    pub compressed: bool,
-}
 
 struct Entry {
     volume: Arc<Volume>,
@@ -53,22 +25,12 @@ impl Entry {
     }
 
     fn info(&self, id: &str) -> SessionInfo {
-        let epoch = |t: SystemTime| {
-            t.duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
         SessionInfo {
             name: id.to_owned(),
             image: self.image_name.clone(),
-            meta: SessionMeta {
-                shape: self.volume.geometry.shape,
-                datatype: self.volume.data.datatype_name(),
-                bytes: self.volume.byte_size(),
-                compressed: self.volume.was_compressed,
-            },
-            create_ts: epoch(self.created),
-            last_access_ts: epoch(self.last_access_wall),
+            meta: meta_of(&self.volume),
+            create_ts: epoch_secs(self.created),
+            last_access_ts: epoch_secs(self.last_access_wall),
             expiry: self.expiry.as_secs(),
         }
     }
@@ -117,64 +79,30 @@ impl Store {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error(
-        "the volume needs {needed} bytes, more than the session memory budget of {budget} bytes"
-    )]
-    TooLarge { needed: usize, budget: usize },
-}
-
-pub struct SessionStore {
+pub struct MemoryStore {
     limits: SessionLimits,
     store: Mutex<Store>,
 }
 
-impl SessionStore {
+impl MemoryStore {
     pub fn new(limits: SessionLimits) -> Self {
-        SessionStore {
+        MemoryStore {
             limits,
             store: Mutex::new(Store::default()),
         }
     }
 
-    /// The expiry a request gets: 0 or absent means the default; anything else is capped at the maximum.
-    pub fn expiry_for(&self, requested_secs: Option<u64>) -> Duration {
-        match requested_secs {
-            None | Some(0) => self.limits.default_expiry,
-            Some(secs) => Duration::from_secs(secs).min(self.limits.max_expiry),
-        }
-    }
-
-    pub fn create(
-        &self,
-        volume: Arc<Volume>,
-        image_name: String,
-        requested_expiry: Option<u64>,
-    ) -> Result<(String, SessionInfo), SessionError> {
-        self.insert(
-            uuid::Uuid::new_v4().to_string(),
-            volume,
-            image_name,
-            requested_expiry,
-        )
-    }
-
-    /// Stores a volume under `id` (a series fetched from a PACS, keyed by its UID), replacing what was there.
+    /// Stores a volume under `id`, replacing what was there, and evicting the least recently used beyond the
+    /// budget or the count bound.
     pub fn insert(
         &self,
         id: String,
         volume: Arc<Volume>,
         image_name: String,
         requested_expiry: Option<u64>,
-    ) -> Result<(String, SessionInfo), SessionError> {
+    ) -> Result<SessionInfo, SessionError> {
+        self.limits.check_fits(&volume)?;
         let needed = volume.byte_size();
-        if needed > self.limits.memory_budget {
-            return Err(SessionError::TooLarge {
-                needed,
-                budget: self.limits.memory_budget,
-            });
-        }
         let now = Instant::now();
         let entry = Entry {
             volume,
@@ -182,7 +110,7 @@ impl SessionStore {
             created: SystemTime::now(),
             last_access: now,
             last_access_wall: SystemTime::now(),
-            expiry: self.expiry_for(requested_expiry),
+            expiry: self.limits.expiry_for(requested_expiry),
         };
         let info = entry.info(&id);
         let mut store = self.store.lock();
@@ -196,8 +124,8 @@ impl SessionStore {
             }
         }
         store.used_bytes += needed;
-        store.entries.insert(id.clone(), entry);
-        Ok((id, info))
+        store.entries.insert(id, entry);
+        Ok(info)
     }
 
     /// The session's volume, refreshing its expiry; `None` if unknown, expired or evicted.
@@ -241,6 +169,47 @@ impl SessionStore {
     }
 }
 
+#[async_trait::async_trait]
+impl SessionStore for MemoryStore {
+    fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn insert(
+        &self,
+        id: String,
+        volume: Arc<Volume>,
+        image_name: String,
+        requested_expiry: Option<u64>,
+    ) -> Result<SessionInfo, SessionError> {
+        MemoryStore::insert(self, id, volume, image_name, requested_expiry)
+    }
+
+    async fn volume(&self, id: &str) -> Result<Option<Arc<Volume>>, SessionError> {
+        Ok(MemoryStore::volume(self, id))
+    }
+
+    async fn info(&self, id: &str, refresh: bool) -> Result<Option<SessionInfo>, SessionError> {
+        Ok(MemoryStore::info(self, id, refresh))
+    }
+
+    async fn remove(&self, id: &str) -> Result<Option<SessionInfo>, SessionError> {
+        Ok(MemoryStore::remove(self, id))
+    }
+
+    fn sweep(&self) -> usize {
+        MemoryStore::sweep(self)
+    }
+
+    fn usage(&self) -> (usize, usize) {
+        MemoryStore::usage(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,8 +230,8 @@ mod tests {
         )
     }
 
-    fn store(budget: usize, max_sessions: usize) -> SessionStore {
-        SessionStore::new(SessionLimits {
+    fn store(budget: usize, max_sessions: usize) -> MemoryStore {
+        MemoryStore::new(SessionLimits {
             default_expiry: Duration::from_secs(60),
             max_expiry: Duration::from_secs(120),
             memory_budget: budget,
@@ -273,20 +242,29 @@ mod tests {
     #[test]
     fn expiry_defaults_and_caps() {
         let s = store(1 << 20, 10);
-        assert_eq!(s.expiry_for(None), Duration::from_secs(60));
-        assert_eq!(s.expiry_for(Some(0)), Duration::from_secs(60));
-        assert_eq!(s.expiry_for(Some(5)), Duration::from_secs(5));
-        assert_eq!(s.expiry_for(Some(10_000)), Duration::from_secs(120));
+        assert_eq!(s.limits.expiry_for(None), Duration::from_secs(60));
+        assert_eq!(s.limits.expiry_for(Some(0)), Duration::from_secs(60));
+        assert_eq!(s.limits.expiry_for(Some(5)), Duration::from_secs(5));
+        assert_eq!(s.limits.expiry_for(Some(10_000)), Duration::from_secs(120));
     }
 
     #[test]
     fn least_recently_used_is_evicted_beyond_the_budget() {
         let per = volume(1000).byte_size();
         let s = store(per * 2, 10);
-        let (a, _) = s.create(volume(1000), "a".into(), None).unwrap();
-        let (b, _) = s.create(volume(1000), "b".into(), None).unwrap();
+        let a = s
+            .insert("a".into(), volume(1000), "a".into(), None)
+            .unwrap()
+            .name;
+        let b = s
+            .insert("b".into(), volume(1000), "b".into(), None)
+            .unwrap()
+            .name;
         assert!(s.volume(&a).is_some()); // a is now more recent than b
-        let (c, _) = s.create(volume(1000), "c".into(), None).unwrap();
+        let c = s
+            .insert("c".into(), volume(1000), "c".into(), None)
+            .unwrap()
+            .name;
         assert!(s.volume(&b).is_none(), "b was least recently used");
         assert!(s.volume(&a).is_some() && s.volume(&c).is_some());
         assert_eq!(s.usage(), (2, per * 2));
@@ -295,12 +273,18 @@ mod tests {
     #[test]
     fn count_bound_and_too_large() {
         let s = store(1 << 20, 1);
-        let (a, _) = s.create(volume(10), "a".into(), None).unwrap();
-        let (b, _) = s.create(volume(10), "b".into(), None).unwrap();
+        let a = s
+            .insert("a".into(), volume(10), "a".into(), None)
+            .unwrap()
+            .name;
+        let b = s
+            .insert("b".into(), volume(10), "b".into(), None)
+            .unwrap()
+            .name;
         assert!(s.volume(&a).is_none() && s.volume(&b).is_some());
         let tiny = store(100, 10);
         assert!(matches!(
-            tiny.create(volume(1000), "x".into(), None),
+            tiny.insert("x".into(), volume(1000), "x".into(), None),
             Err(SessionError::TooLarge { .. })
         ));
     }
@@ -309,7 +293,10 @@ mod tests {
     fn sliding_expiry() {
         // Margins of 0.8 s either side keep this stable on a loaded 2-core machine.
         let s = store(1 << 20, 10);
-        let (a, _) = s.create(volume(10), "a".into(), Some(2)).unwrap();
+        let a = s
+            .insert("a".into(), volume(10), "a".into(), Some(2))
+            .unwrap()
+            .name;
         std::thread::sleep(Duration::from_millis(1200));
         assert!(s.volume(&a).is_some(), "use refreshes the expiry");
         std::thread::sleep(Duration::from_millis(1200));

@@ -1,0 +1,575 @@
+//! Issue 13: a fleet of replicas sharing sessions through Debian's `redis-server` (started here on a free
+//! loopback port), `/metrics`, the SIGTERM drain, and `tools/fleet.py` with nginx as the load balancer.
+//!
+//! Where redis-server (or nginx) is not installed the tests that need it are skipped with a note, unless
+//! `DEEPGROW_REQUIRE_REDIS` (`DEEPGROW_REQUIRE_NGINX`) is set, as `.ci/run` does.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MODEL: &str = "deepgrow_2d";
+
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {program} || test -x /usr/sbin/{program}"),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throw-away redis-server: no persistence, on its own port.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        if !installed("redis-server") {
+            assert!(
+                std::env::var_os("DEEPGROW_REQUIRE_REDIS").is_none(),
+                "DEEPGROW_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server; .ci/run does)");
+            return None;
+        }
+        Some(Redis::on_port(free_port()))
+    }
+
+    fn on_port(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "/tmp"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let redis = Redis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while redis.command("PING") != "+PONG" {
+            assert!(Instant::now() < deadline, "redis-server answers PING");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One inline command's first reply line ("" when Redis cannot be reached).
+    fn command(&self, command: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        if stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .is_err()
+        {
+            return String::new();
+        }
+        let mut reply = [0u8; 256];
+        let n = stream.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The server binary with the bundled model, as a separate process (so that it can be SIGKILLed).
+struct Replica {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Replica {
+    fn spawn(args: &[&str]) -> Replica {
+        let port = free_port();
+        let models = manifest_path("models");
+        let child = Command::new(env!("CARGO_BIN_EXE_deepgrow-server"))
+            .args(["--port", &port.to_string()])
+            .args(["--models-dir", models.to_str().unwrap()])
+            .args(["--inference-threads", "1"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the server starts");
+        let replica = Replica {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !matches!(try_get(replica.addr, "/ready"), Some(200)) {
+            assert!(Instant::now() < deadline, "the replica gets ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        replica
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status of a GET, or `None` while nothing listens.
+fn try_get(addr: SocketAddr, target: &str) -> Option<u16> {
+    let request = request(
+        &format!("GET {target} HTTP/1.1"),
+        &[("Host", addr.to_string()), ("Connection", "close".into())],
+        b"",
+    );
+    send_then_read(addr, &request)
+        .ok()
+        .map(|reply| reply.status)
+}
+
+fn create_session(addr: SocketAddr, expiry: u64) -> Reply {
+    send(
+        addr,
+        python_request(
+            addr,
+            "PUT",
+            &format!("/session/?expiry={expiry}"),
+            &[file_part("image", "/data/in.nii.gz", &ct().gz)],
+        ),
+    )
+}
+
+fn session_of(reply: &Reply) -> String {
+    reply.ok();
+    reply.json()["session_id"].as_str().unwrap().to_owned()
+}
+
+fn click(addr: SocketAddr, session: &str) -> Reply {
+    let [i, j, k] = ct().liver;
+    let params = format!(r#"{{"foreground":[[{i},{j},{k}]],"background":[]}}"#);
+    send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/v1/deepgrow?model={MODEL}&session_id={session}"),
+            &[text_part("params", &params)],
+        ),
+    )
+}
+
+/// AIAA's answer to a click on a session that is gone: 440.
+fn assert_expired_click(reply: &Reply, session: &str) {
+    let message = assert_aiaa_error(reply, 440, "unknown or has expired");
+    assert!(message.contains(session), "{message}");
+}
+
+fn mask(reply: &Reply) -> Vec<u8> {
+    aiaa_multipart(reply).file
+}
+
+fn metrics(addr: SocketAddr) -> String {
+    let reply = get(addr, "/metrics");
+    reply.ok();
+    assert!(
+        reply
+            .content_type()
+            .starts_with("application/openmetrics-text"),
+        "{}",
+        reply.content_type()
+    );
+    reply.text()
+}
+
+/// The value of the one sample `name{labels...}` whose labels include every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
+    let Some(redis) = Redis::start() else { return };
+    let store = redis.url();
+    let flags = ["--session-store", store.as_str()];
+    let a = Replica::spawn(&flags);
+    let b = Replica::spawn(&flags);
+
+    let session = session_of(&create_session(a.addr, 600));
+    let from_a = mask(&click(a.addr, &session));
+    let [_, _, k] = ct().liver;
+    check_nifti_mask(&from_a, &ct().raw, k, true);
+    assert_eq!(
+        mask(&click(b.addr, &session)),
+        from_a,
+        "B's mask of A's session"
+    );
+
+    // the replica that created it dies; the session lives on, from B and from a replica started afterwards
+    a.kill();
+    assert_eq!(mask(&click(b.addr, &session)), from_a);
+    let c = Replica::spawn(&flags);
+    assert_eq!(mask(&click(c.addr, &session)), from_a, "a cache miss");
+    assert_eq!(mask(&click(c.addr, &session)), from_a, "a cache hit");
+    let info = get(c.addr, &format!("/session/{session}"));
+    info.ok();
+    assert_eq!(
+        info.json()["meta"]["shape"][2],
+        ct().volume.geometry.shape[2]
+    );
+
+    let scraped = metrics(c.addr);
+    assert_eq!(
+        sample(
+            &scraped,
+            "deepgrow_session_cache_total",
+            &[r#"result="miss""#]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &scraped,
+            "deepgrow_session_cache_total",
+            &[r#"result="hit""#]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&scraped, "deepgrow_session_fetch_seconds_count", &[]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&scraped, "deepgrow_sessions", &[]), Some(1.0));
+    assert_eq!(
+        sample(
+            &scraped,
+            "deepgrow_http_requests_total",
+            &[
+                r#"route="/v1/deepgrow""#,
+                r#"status="200""#,
+                r#"method="POST""#
+            ]
+        ),
+        Some(2.0)
+    );
+    assert!(
+        scraped.contains(r#"deepgrow_model_info{name="deepgrow_2d""#),
+        "{scraped}"
+    );
+
+    // deleted through B: gone from C as well, although C holds its volume
+    delete(b.addr, &format!("/session/{session}")).ok();
+    assert_expired_click(&click(c.addr, &session), &session);
+    assert_eq!(get(c.addr, &format!("/session/{session}")).status, 404);
+    assert_eq!(
+        redis.command(&format!("EXISTS deepgrow:session:{session}")),
+        ":0"
+    );
+}
+
+/// In-process replicas on the fake engine: their masks come from the clicks alone, so these tests are quick.
+fn fake_replica(extra: &[&str]) -> TestServer {
+    start(config(extra), fake_registry())
+}
+
+#[test]
+fn sessions_expire_on_time_in_the_shared_store() {
+    let Some(redis) = Redis::start() else { return };
+    let store = redis.url();
+    let a = fake_replica(&["--session-store", &store]);
+    let b = fake_replica(&["--session-store", &store]);
+    let session = session_of(&create_session(a.addr, 2));
+    let key = format!("deepgrow:session:{session}");
+    let ttl: i64 = redis.command(&format!("TTL {key}"))[1..].parse().unwrap();
+    assert!((1..=2).contains(&ttl), "TTL {ttl}");
+
+    // Margins of 0.8 s either side keep this stable on a loaded 2-core machine.
+    std::thread::sleep(Duration::from_millis(1200));
+    click(b.addr, &session).ok();
+    std::thread::sleep(Duration::from_millis(1200));
+    click(a.addr, &session).ok(); // 2.4 s after creation: alive, thanks to B's click
+    std::thread::sleep(Duration::from_millis(2800));
+    assert_expired_click(&click(a.addr, &session), &session);
+    assert_expired_click(&click(b.addr, &session), &session);
+    assert_eq!(redis.command(&format!("EXISTS {key}")), ":0");
+}
+
+#[test]
+fn redis_down_or_slow_answers_503_and_the_server_recovers() {
+    let Some(redis) = Redis::start() else { return };
+    let store = redis.url();
+    let server = fake_replica(&["--session-store", &store, "--session-store-timeout", "0.5"]);
+    let addr = server.addr;
+    let session = session_of(&create_session(addr, 600));
+    click(addr, &session).ok();
+
+    // slow: Redis stopped (SIGSTOP) answers nothing, and the click gets 503 after the store timeout
+    redis.signal("-STOP");
+    let started = Instant::now();
+    let reply = click(addr, &session);
+    let waited = started.elapsed();
+    redis.signal("-CONT");
+    let message = assert_aiaa_error(&reply, 503, "Redis at redis://127.0.0.1");
+    assert!(message.contains("no answer within 0.5 s"), "{message}");
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    click(addr, &session).ok();
+
+    // down: every session operation is a 503 naming the store, in each API's shape
+    let port = redis.stop();
+    assert_aiaa_error(&click(addr, &session), 503, "session store");
+    assert_aiaa_error(&create_session(addr, 600), 503, "unavailable");
+    let info = get(addr, &format!("/session/{session}"));
+    assert_eq!(info.status, 503);
+    assert!(info.json()["detail"].as_str().unwrap().contains("Redis"));
+    let monai = send(
+        addr,
+        python_request(
+            addr,
+            "POST",
+            &format!("/infer/{MODEL}?session_id={session}&output=json"),
+            &[text_part(
+                "params",
+                &format!(
+                    r#"{{"foreground":[[{},{},{}]],"background":[]}}"#,
+                    ct().liver[0],
+                    ct().liver[1],
+                    ct().liver[2]
+                ),
+            )],
+        ),
+    );
+    assert_eq!(monai.status, 503);
+    assert!(
+        monai.json()["detail"].as_str().unwrap().contains("Redis"),
+        "{}",
+        monai.text()
+    );
+    let scraped = metrics(addr);
+    let errors: f64 = scraped
+        .lines()
+        .filter(|l| l.starts_with("deepgrow_session_store_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors >= 4.0, "{scraped}");
+    assert_eq!(
+        get(addr, "/health").status,
+        200,
+        "the server itself is fine"
+    );
+
+    // back: the old session went with Redis's memory (440), new ones work at once
+    let _redis = Redis::on_port(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let created = loop {
+        let reply = create_session(addr, 600);
+        if reply.status == 200 || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let fresh = session_of(&created);
+    click(addr, &fresh).ok();
+    assert_expired_click(&click(addr, &session), &session);
+}
+
+#[test]
+fn metrics_carry_the_series_to_operate_and_scale_on() {
+    let server = fake_replica(&[]);
+    let addr = server.addr;
+    let session = session_of(&create_session(addr, 600));
+    click(addr, &session).ok();
+    assert_eq!(get(addr, "/no/such/route").status, 404);
+    assert_eq!(get(addr, &format!("/session/{session}")).status, 200);
+    let scraped = metrics(addr);
+    for (name, labels) in [
+        (
+            "deepgrow_http_requests_total",
+            &[r#"route="/v1/deepgrow""#, r#"status="200""#][..],
+        ),
+        (
+            "deepgrow_http_requests_total",
+            &[r#"route="unmatched""#, r#"status="404""#],
+        ),
+        // the id is not a label: the route is
+        (
+            "deepgrow_http_requests_total",
+            &[r#"route="/session/{id}""#],
+        ),
+        (
+            "deepgrow_http_request_seconds_count",
+            &[r#"route="/session/""#],
+        ),
+        ("deepgrow_click_stage_seconds_count", &[r#"stage="infer""#]),
+        ("deepgrow_click_stage_seconds_bucket", &[r#"stage="total""#]),
+        ("deepgrow_queued_requests", &[r#"pool="infer""#]),
+        ("deepgrow_working_requests", &[r#"pool="decode""#]),
+        ("deepgrow_inflight_budget_bytes", &[]),
+        ("deepgrow_sessions", &[]),
+        ("deepgrow_session_bytes", &[]),
+        ("deepgrow_model_info", &[r#"name="deepgrow_2d""#]),
+        ("deepgrow_ready", &[]),
+    ] {
+        assert!(
+            sample(&scraped, name, labels).is_some(),
+            "no {name} with {labels:?} in:\n{scraped}"
+        );
+    }
+    assert_eq!(sample(&scraped, "deepgrow_sessions", &[]), Some(1.0));
+    assert_eq!(
+        sample(
+            &scraped,
+            "deepgrow_click_stage_seconds_count",
+            &[r#"stage="infer""#]
+        ),
+        Some(1.0)
+    );
+    assert!(!scraped.contains(&session), "a session id became a label");
+    assert!(scraped.trim_end().ends_with("# EOF"));
+}
+
+/// SIGTERM: `/ready` turns 503 at once while `/health` stays 200; the upload in flight is answered; then
+/// the listener closes and the process exits 0.
+#[test]
+fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
+    let replica = Replica::spawn(&["--shutdown-delay", "1.5"]);
+    let addr = replica.addr;
+    let upload = python_request(
+        addr,
+        "PUT",
+        "/session/?expiry=60",
+        &[file_part("image", "/data/in.nii.gz", &ct().gz)],
+    );
+    let half = upload.len() / 2;
+    let mut in_flight = TcpStream::connect(addr).unwrap();
+    in_flight.write_all(&upload[..half]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &replica.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while try_get(addr, "/ready") != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/ready turns 503 within the delay"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(try_get(addr, "/health"), Some(200), "liveness stays up");
+
+    // past the delay: no new connections, but the upload that was in flight completes
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(try_get(addr, "/health"), None, "the listener is closed");
+    in_flight.write_all(&upload[half..]).unwrap();
+    let reply = read_reply(&mut in_flight);
+    assert!(!session_of(&reply).is_empty());
+
+    let mut replica = replica;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = replica.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the server exits once drained");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// tools/fleet.py: redis-server, 3 replicas and nginx; clients click while one replica is SIGKILLed and
+/// another restarted. No session may be lost, no mask may differ, and no 5xx may happen but on the killed
+/// replica's in-flight requests (the tool exits 1 otherwise). BENCHMARKS.md reports a longer run.
+#[test]
+fn the_fleet_loses_no_session_when_replicas_die_and_restart() {
+    if Redis::start().is_none() {
+        return;
+    }
+    if !installed("nginx") {
+        assert!(
+            std::env::var_os("DEEPGROW_REQUIRE_NGINX").is_none(),
+            "DEEPGROW_REQUIRE_NGINX is set but nginx is not installed"
+        );
+        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light; .ci/run does)");
+        return;
+    }
+    let report = std::env::temp_dir().join(format!("fleet-{}.json", std::process::id()));
+    let output = Command::new("python3")
+        .arg(manifest_path("tools/fleet.py"))
+        .args(["--binary", env!("CARGO_BIN_EXE_deepgrow-server")])
+        .args(["--clients", "4", "--duration", "16", "--throughput-s", "0"])
+        .arg("--json")
+        .arg(&report)
+        .output()
+        .expect("python3 runs tools/fleet.py");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "tools/fleet.py failed:\n{}\n{stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let chaos = &report["chaos"];
+    assert_eq!(chaos["sessions_lost"], 0, "{chaos}");
+    assert_eq!(chaos["wrong_masks"], 0, "{chaos}");
+    assert_eq!(chaos["5xx_or_errors_elsewhere"], 0, "{chaos}");
+    assert!(chaos["sessions_created"].as_u64().unwrap() >= 4, "{chaos}");
+    assert!(chaos["clicks_ok"].as_u64().unwrap() >= 20, "{chaos}");
+    assert_eq!(report["restart"]["exit_code"], 0);
+}
