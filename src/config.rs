@@ -131,7 +131,7 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
-    /// When set, every request except /health and /ready must carry `Authorization: Bearer <token>`.
+    /// When set, every request except /health, /ready and /metrics must carry `Authorization: Bearer <token>`.
     /// Off by default: AIAA clients (Slicer, MITK, OHIF, the Python client) send no token.
     #[arg(long, env = "DEEPGROW_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,

@@ -347,6 +347,55 @@ fn sessions_expire_on_time_in_the_shared_store() {
     assert_eq!(redis.command(&format!("EXISTS {key}")), ":0");
 }
 
+/// A volume of three 32 MiB chunks, written by one replica and rebuilt by another: the same voxels, so the
+/// same mask, on a slice in each chunk.
+#[test]
+fn a_volume_larger_than_one_chunk_comes_back_whole() {
+    let Some(redis) = Redis::start() else { return };
+    let store = redis.url();
+    let a = fake_replica(&["--session-store", &store]);
+    let b = fake_replica(&["--session-store", &store]);
+    let [h, w, _] = ct().volume.geometry.shape;
+    let slices = (70 << 20) / (h * w * 2);
+    let file = restacked_ct(slices);
+    let created = send(
+        a.addr,
+        python_request(
+            a.addr,
+            "PUT",
+            "/session/",
+            &[file_part("image", "/data/big.nii", &file)],
+        ),
+    );
+    let session = session_of(&created);
+    assert_eq!(
+        redis.command(&format!("HEXISTS deepgrow:session:{session} c2")),
+        ":1"
+    );
+    for k in [1, slices / 2, slices - 2] {
+        let params = format!(
+            r#"{{"foreground":[[{},{},{k}]],"background":[]}}"#,
+            h / 2,
+            w / 2
+        );
+        let on = |addr: SocketAddr| {
+            mask(&send(
+                addr,
+                python_request(
+                    addr,
+                    "POST",
+                    &format!("/v1/deepgrow?model={MODEL}&session_id={session}"),
+                    &[text_part("params", &params)],
+                ),
+            ))
+        };
+        let from_a = on(a.addr);
+        check_nifti_mask(&from_a, &file, k, false);
+        assert_eq!(on(b.addr), from_a, "slice {k}");
+    }
+    assert!(metrics(b.addr).contains(r#"deepgrow_session_cache_total{result="miss"} 1"#));
+}
+
 #[test]
 fn redis_down_or_slow_answers_503_and_the_server_recovers() {
     let Some(redis) = Redis::start() else { return };

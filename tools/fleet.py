@@ -11,6 +11,12 @@ and nginx as their load balancer (round robin: the worst case for the replicas' 
    SIGTERM, and is started again once it has exited.
 3. Every session created is then clicked again through nginx and through each live replica directly.
 
+Before these, with --cache-mib M (one or more sizes), a cache miss is measured against a hit: for each size a
+generated 512 x 512 x k int16 CT-like volume of M MiB (tools/loadtest.py's phantom) is made a session through
+replica 0, then clicked --cache-n times through replica 1, each time after replica 1 dropped its cached copy
+(a miss: the volume comes from Redis), and as often while it holds it (a hit). Reported: click latency
+p50 of each, and replica 1's fetch time (deepgrow_session_fetch_seconds).
+
 Every 200 click reply's mask must equal the first mask its session gave (same click, same model). Reported:
 sessions lost (a session that answered anything but 200 with its own mask, at any time; goal 0), 5xx and
 connection errors (goal 0, apart from requests in flight on the killed replica, counted apart), p50/p95
@@ -141,22 +147,23 @@ class Nginx:
 
 
 class Fleet:
-    def __init__(self, args, workdir: Path):
+    def __init__(self, args, workdir: Path, replicas: int, balanced=True, extra=None):
+        """`extra`: more flags for some replicas, by index."""
         self.args = args
         self.redis = Redis(workdir)
         self.replicas = []
-        for n in range(args.replicas):
+        for n in range(replicas):
             server = lt.ServerProcess(
                 binary=args.binary, models_dir=args.models_dir, log_path=workdir / f"replica{n}.log",
                 extra_args=["--session-store", self.redis.url, "--shutdown-delay", str(args.shutdown_delay),
                             "--inference-threads", str(args.inference_threads), "--workers", "1",
-                            "--decode-workers", "1"])
+                            "--decode-workers", "1", *(extra or {}).get(n, [])])
             self.replicas.append(server)
         for server in self.replicas:
             server.start()
         for server in self.replicas:
             server.wait_ready()
-        self.nginx = Nginx(workdir, [s.port for s in self.replicas])
+        self.nginx = Nginx(workdir, [s.port for s in self.replicas]) if balanced else None
 
     def restart(self, server: lt.ServerProcess) -> dict:
         """SIGTERM, wait for the exit (in-flight requests finish first), start it again on its port."""
@@ -174,7 +181,8 @@ class Fleet:
             if server.alive():
                 server.proc.kill()
                 server.proc.wait()
-        self.nginx.stop()
+        if self.nginx:
+            self.nginx.stop()
         self.redis.stop()
 
 
@@ -301,6 +309,52 @@ def throughput(args, port: int, upload, params, seconds: float) -> dict:
     return result
 
 
+def cache_miss_vs_hit(fleet: Fleet, mib: float, n: int) -> dict:
+    """Click latency on replica 1 (run with --max-sessions 1) with the session's volume fetched from Redis (a
+    miss) and held (a hit)."""
+    volume = lt.make_big_volume(mib)
+    ct, body = lt.encode_multipart(files=[("image", volume["name"], volume["data"])])
+    creator, clicker = fleet.replicas[0], fleet.replicas[1]
+    status, _, data = lt.http_request("127.0.0.1", creator.port, "PUT", "/session/?expiry=600", body,
+                                      {"Content-Type": ct})
+    if status != 200:
+        raise RuntimeError(f"session of {mib} MiB: {status} {data[:200]!r}")
+    sid = json.loads(data)["session_id"]
+    pct, params = lt.encode_multipart(fields=[("params", json.dumps({"foreground": [list(volume["click"])],
+                                                                     "background": []}))])
+    path = f"/v1/deepgrow?model={lt.MODEL}&session_id={sid}"
+
+    def click_ms():
+        t = time.perf_counter()
+        status, _, _ = lt.http_request("127.0.0.1", clicker.port, "POST", path, params, {"Content-Type": pct})
+        if status != 200:
+            raise RuntimeError(f"click: {status}")
+        return (time.perf_counter() - t) * 1000
+
+    def fetch_seconds():
+        text = lt.http_request("127.0.0.1", clicker.port, "GET", "/metrics")[2].decode()
+        return metric_sum(text, "deepgrow_session_fetch_seconds_sum"), metric_sum(
+            text, "deepgrow_session_fetch_seconds_count")
+
+    miss, hit = [], []
+    sum0, count0 = fetch_seconds()
+    for _ in range(n):
+        # replica 1 holds one volume: a session of its own evicts this one's from its cache (not from Redis)
+        filler = lt.http_request("127.0.0.1", clicker.port, "PUT", "/session/?expiry=600", body,
+                                 {"Content-Type": ct})
+        filler_sid = json.loads(filler[2])["session_id"]
+        miss.append(click_ms())
+        hit.append(click_ms())
+        lt.http_request("127.0.0.1", clicker.port, "DELETE", f"/session/{filler_sid}")
+    sum1, count1 = fetch_seconds()
+    lt.http_request("127.0.0.1", creator.port, "DELETE", f"/session/{sid}")
+    return {"mib": mib, "shape": volume["shape"], "n": n,
+            "miss_click_p50_ms": round(lt.percentile(miss, 50), 1),
+            "hit_click_p50_ms": round(lt.percentile(hit, 50), 1),
+            "fetch_mean_ms": round((sum1 - sum0) / max(1.0, count1 - count0) * 1000, 1),
+            "fetches": int(count1 - count0)}
+
+
 def metric_sum(text: str, name: str, label: str = "") -> float:
     total = 0.0
     for line in text.splitlines():
@@ -321,6 +375,9 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-s", type=float, default=15.0, help="seconds of each throughput run (0: skip)")
     p.add_argument("--inference-threads", type=int, default=1)
     p.add_argument("--shutdown-delay", type=float, default=1.0)
+    p.add_argument("--cache-mib", type=float, nargs="*", default=[],
+                   help="volume sizes (MiB) to measure a cache miss against a hit with (needs --cache-n)")
+    p.add_argument("--cache-n", type=int, default=5)
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
     if args.replicas < 3:
@@ -335,7 +392,13 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="deepgrow-fleet-"))
     report = {"cpu": lt.cpu_model(), "cores": os.cpu_count(), "replicas": args.replicas, "clients": args.clients,
               "image": image.name, "click": click, "binary": args.binary}
-    fleet = Fleet(args, workdir)
+    if args.cache_mib:
+        pair = Fleet(args, workdir, 2, balanced=False, extra={1: ["--max-sessions", "1"]})
+        try:
+            report["cache"] = [cache_miss_vs_hit(pair, mib, args.cache_n) for mib in args.cache_mib]
+        finally:
+            pair.stop()
+    fleet = Fleet(args, workdir, args.replicas)
     try:
         if args.throughput_s > 0:
             report["throughput_1_replica"] = throughput(args, fleet.replicas[0].port, upload, params,

@@ -9,6 +9,9 @@
 //!   Redis's 512 MiB bulk limit. A cache miss reads it back with one copy, not the upload's inflating or
 //!   DICOM decoding.
 //!
+//! A session is written chunk by chunk and its record last, and read back chunk by chunk: every Redis
+//! operation moves at most one chunk, so each fits in the timeout and the copies in flight stay small.
+//!
 //! Every use of a session asks Redis first (one round trip), even on a cache hit: a delete or an expiry seen
 //! by any replica is seen by all. Every call is bounded by `--session-store-timeout`; Redis down or slow is a
 //! [`SessionError::Unavailable`] (503), and the connection comes back by itself when Redis does.
@@ -197,30 +200,36 @@ impl RedisStore {
         let Some((info, _)) = self.stored_info(id).await? else {
             return Ok(None);
         };
-        let fields: Vec<String> = (0..info.chunks).map(|n| format!("c{n}")).collect();
-        let chunks: Vec<Option<Vec<u8>>> = self
-            .run("fetch", |mut connection| async move {
-                if fields.is_empty() {
-                    return Ok(Vec::new());
-                }
-                connection.hmget(key(id), &fields).await
-            })
-            .await?;
-        // the session expired between the two reads
-        let Some(chunks) = chunks.into_iter().collect::<Option<Vec<_>>>() else {
-            return Ok(None);
-        };
-        let limits = self.decode_limits;
-        let rebuilt = tokio::task::spawn_blocking(move || {
-            let mut file = Vec::with_capacity(chunks.iter().map(Vec::len).sum());
-            for chunk in &chunks {
-                file.extend_from_slice(chunk);
+        // chunk by chunk, each read within the timeout, into one buffer: the volume's file, then the volume,
+        // are all this holds
+        let budget = self.limits().memory_budget;
+        if info.file_bytes > budget.saturating_add(1 << 20) {
+            return Err(self.unavailable(
+                "fetch",
+                format!("session {id}'s record claims {} bytes", info.file_bytes),
+            ));
+        }
+        let mut file = Vec::with_capacity(info.file_bytes);
+        for n in 0..info.chunks {
+            let chunk: Option<Vec<u8>> = self
+                .run("fetch", |mut connection| async move {
+                    connection.hget(key(id), format!("c{n}")).await
+                })
+                .await?;
+            // the session expired, or was deleted or replaced, between two reads
+            let Some(chunk) = chunk else { return Ok(None) };
+            if file.len() + chunk.len() > info.file_bytes {
+                return Err(self.unavailable(
+                    "fetch",
+                    format!("session {id}'s volume is longer than its record says"),
+                ));
             }
-            drop(chunks);
-            decode(&file, limits)
-        })
-        .await
-        .map_err(|e| self.unavailable("fetch", format!("rebuilding the volume: {e}")))?;
+            file.extend_from_slice(&chunk);
+        }
+        let limits = self.decode_limits;
+        let rebuilt = tokio::task::spawn_blocking(move || decode(&file, limits))
+            .await
+            .map_err(|e| self.unavailable("fetch", format!("rebuilding the volume: {e}")))?;
         let mut volume = rebuilt.map_err(|e| {
             self.unavailable(
                 "fetch",
@@ -285,24 +294,42 @@ impl SessionStore for RedisStore {
         };
         let record = serde_json::to_string(&stored)
             .map_err(|e| self.unavailable("insert", format!("serialising the record: {e}")))?;
+        // The chunks first, each with the session's TTL, so that a write cut short expires by itself; the
+        // record last: readers look for its `ttl` field, so none sees a half-written session. One command per
+        // chunk keeps every operation within the timeout, and the copies in flight to one chunk's worth.
         let session_key = key(&id);
+        for (n, chunk) in file.chunks(CHUNK_BYTES).enumerate() {
+            let session_key = &session_key;
+            self.run("insert", |mut connection| async move {
+                let mut pipe = ::redis::pipe();
+                if n == 0 {
+                    pipe.del(session_key).ignore();
+                }
+                pipe.hset(session_key, format!("c{n}"), chunk)
+                    .ignore()
+                    .expire(session_key, expiry as i64)
+                    .ignore();
+                pipe.query_async::<()>(&mut connection).await
+            })
+            .await?;
+        }
+        drop(file);
         let (ttl, atime) = (expiry.to_string(), now.to_string());
         self.run("insert", |mut connection| async move {
-            let mut pipe = ::redis::pipe();
-            pipe.atomic().del(&session_key).ignore().hset_multiple(
-                &session_key,
-                &[
-                    ("info", record.as_bytes()),
-                    ("ttl", ttl.as_bytes()),
-                    ("atime", atime.as_bytes()),
-                ],
-            );
-            pipe.ignore();
-            for (n, chunk) in file.chunks(CHUNK_BYTES).enumerate() {
-                pipe.hset(&session_key, format!("c{n}"), chunk).ignore();
-            }
-            pipe.expire(&session_key, expiry as i64).ignore();
-            pipe.query_async::<()>(&mut connection).await
+            ::redis::pipe()
+                .hset_multiple(
+                    &session_key,
+                    &[
+                        ("info", record.as_bytes()),
+                        ("ttl", ttl.as_bytes()),
+                        ("atime", atime.as_bytes()),
+                    ],
+                )
+                .ignore()
+                .expire(&session_key, expiry as i64)
+                .ignore()
+                .query_async::<()>(&mut connection)
+                .await
         })
         .await?;
         // a write through: this replica then serves its own session from memory
