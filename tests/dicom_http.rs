@@ -379,14 +379,6 @@ struct Orthanc {
     dicom_port: u16,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Orthanc {
     /// Started, or `None` (with a note) where Orthanc is not installed and `DEEPGROW_REQUIRE_ORTHANC` is unset;
     /// `.ci/run` installs it and sets that variable, so CI never skips.

@@ -15,6 +15,14 @@ use common::*;
 
 const MODEL: &str = "deepgrow_2d";
 
+/// The tests that start server processes (each loads and warms the model) take turns: on two cores, several
+/// at once would stretch the timings the SIGTERM and fleet tests read.
+static PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    PROCESSES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn installed(program: &str) -> bool {
     Command::new("sh")
         .args([
@@ -24,14 +32,6 @@ fn installed(program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A throw-away redis-server: no persistence, on its own port.
@@ -191,8 +191,13 @@ fn session_of(reply: &Reply) -> String {
     reply.json()["session_id"].as_str().unwrap().to_owned()
 }
 
+/// A foreground click on the fixture's liver.
 fn click(addr: SocketAddr, session: &str) -> Reply {
     let [i, j, k] = ct().liver;
+    click_at(addr, session, [i, j, k])
+}
+
+fn click_at(addr: SocketAddr, session: &str, [i, j, k]: [usize; 3]) -> Reply {
     let params = format!(r#"{{"foreground":[[{i},{j},{k}]],"background":[]}}"#);
     send(
         addr,
@@ -242,6 +247,7 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 #[test]
 fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
+    let _turn = one_at_a_time();
     let Some(redis) = Redis::start() else { return };
     let store = redis.url();
     let flags = ["--session-store", store.as_str()];
@@ -534,6 +540,7 @@ fn metrics_carry_the_series_to_operate_and_scale_on() {
 /// the listener closes and the process exits 0.
 #[test]
 fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
+    let _turn = one_at_a_time();
     let replica = Replica::spawn(&["--shutdown-delay", "1.5"]);
     let addr = replica.addr;
     let upload = python_request(
@@ -563,7 +570,7 @@ fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
     assert_eq!(try_get(addr, "/health"), Some(200), "liveness stays up");
 
     // past the delay: no new connections, but the upload that was in flight completes
-    std::thread::sleep(Duration::from_millis(2000));
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(try_get(addr, "/health"), None, "the listener is closed");
     in_flight.write_all(&upload[half..]).unwrap();
     let reply = read_reply(&mut in_flight);
@@ -586,6 +593,7 @@ fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
 /// replica's in-flight requests (the tool exits 1 otherwise). BENCHMARKS.md reports a longer run.
 #[test]
 fn the_fleet_loses_no_session_when_replicas_die_and_restart() {
+    let _turn = one_at_a_time();
     if Redis::start().is_none() {
         return;
     }

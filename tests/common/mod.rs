@@ -79,6 +79,15 @@ pub fn start(config: Config, registry: Registry) -> TestServer {
     }
 }
 
+/// A loopback port nothing listens on (for a peer a test starts: Orthanc, redis-server, a server process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn manifest_path(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
