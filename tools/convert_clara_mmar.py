@@ -171,22 +171,32 @@ def convert(weights: Path, config: Path, out_dir: Path, name: str | None = None,
         raise ValueError(f"this converter handles deepgrow 2D only (config says {dims})")
     pipeline = pipeline_from_aiaa(cfg)
     net, how = load_weights(weights, tuple(pipeline["model_size"]))
+    name = name or cfg.get("name") or "deepgrow_2d_clara"
+    return write_model_dir(
+        net, pipeline, out_dir, name=name,
+        description=cfg.get("description") or "Deepgrow 2D (converted from a Clara MMAR)",
+        version=str(cfg.get("version", "1")), labels=cfg.get("labels", []),
+        source=f"`tools/convert_clara_mmar.py` from `{Path(weights).name}` ({how}) and `{Path(config).name}`",
+        licence="the weights come from NVIDIA's MMAR and stay under its terms (NGC terms of use), not this "
+                "repository's Apache-2.0. Check them before redistributing.",
+        weights_read_as=how, check=check)
+
+
+def write_model_dir(net: torch.nn.Module, pipeline: dict, out_dir: Path, *, name: str, description: str,
+                    version: str, labels: list, source: str, licence: str, weights_read_as: str,
+                    check: bool = True) -> dict:
+    """A model folder the server serves: model.onnx at the pipeline's model size, config.json, README.md (the
+    provenance). With `check`, the ONNX checker and torch against onnxruntime (max abs diff <= 1e-4)."""
     n_params = dm.count_params(net)
     if n_params != dm.EXPECTED_PARAMS:
         raise ValueError(f"parameter count {n_params} != {dm.EXPECTED_PARAMS}")
-
     out_dir = Path(out_dir)
     size = tuple(pipeline["model_size"])
     sha = dm.export_onnx(net, out_dir / "model.onnx", size)
-    name = name or cfg.get("name") or "deepgrow_2d_clara"
-    description = cfg.get("description") or "Deepgrow 2D (converted from a Clara MMAR)"
-    out_cfg = dm.make_config(
-        name=name, description=description, version=str(cfg.get("version", "1")),
-        labels=cfg.get("labels", []), **pipeline,
-    )
+    out_cfg = dm.make_config(name=name, description=description, version=version, labels=labels, **pipeline)
     dm.write_config(out_dir / "config.json", out_cfg)
 
-    result = {"model_sha256": sha, "params": n_params, "weights_read_as": how, "config": out_cfg}
+    result = {"model_sha256": sha, "params": n_params, "weights_read_as": weights_read_as, "config": out_cfg}
     if check:
         import onnx
 
@@ -198,13 +208,11 @@ def convert(weights: Path, config: Path, out_dir: Path, name: str | None = None,
             raise ValueError(f"torch vs onnxruntime max abs diff {diff} > 1e-4")
 
     (out_dir / "README.md").write_text(
-        f"# {name}\n\nConverted by `tools/convert_clara_mmar.py` from `{Path(weights).name}` ({how}) and "
-        f"`{Path(config).name}`.\n\n* BasicUNet 2D, features {list(dm.FEATURES)}, {n_params:,} parameters\n"
+        f"# {name}\n\nConverted by {source}.\n\n* BasicUNet 2D, features {list(dm.FEATURES)}, {n_params:,} parameters\n"
         f"* model.onnx: input `image` [1, 3, {size[0]}, {size[1]}], output `pred` [1, 1, {size[0]}, {size[1]}], "
         f"opset {dm.OPSET}, sha256 `{sha}`\n"
         + (f"* torch vs onnxruntime max abs diff: {result['torch_vs_ort_max_abs_diff']:.2e}\n" if check else "")
-        + "\nLicence: the weights come from NVIDIA's MMAR and stay under its terms (NGC terms of use), not this "
-        "repository's Apache-2.0. Check them before redistributing.\n"
+        + f"\nLicence: {licence}\n"
     )
     return result
 

@@ -15,22 +15,14 @@ mod common;
 #[path = "../common/http.rs"]
 mod harness;
 
-use std::sync::OnceLock;
-
 use arbitrary::{Result as ArbResult, Unstructured};
-use axum::body::Body;
-use axum::http::{header, Method, Request, StatusCode};
-use clap::Parser;
-use deepgrow_server::config::Config;
-use deepgrow_server::models::Registry;
+use axum::http::StatusCode;
 use deepgrow_server::nifti_io::{self, DecodeLimits};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 use common::NiftiSpec;
-use harness::{router, runtime, send, send_with, MAX_DECOMPRESSED, MODEL};
-
+use harness::{router, runtime, send, send_with, MAX_DECOMPRESSED};
 
 const BOUNDARIES: [&str; 4] = [
     "----------lImIt_of_THE_fIle_eW_$", // Python AIAA client
