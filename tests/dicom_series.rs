@@ -368,3 +368,36 @@ fn broken_series_are_refused_with_their_reason() {
         Err(DicomError::TooLarge { .. })
     ));
 }
+
+#[path = "../fuzz/common/cut.rs"]
+mod cut;
+
+/// What the `dicom_series` fuzz target found (fuzz/regressions/dicom_series/: element lengths claiming gigabytes
+/// in a few kilobytes, an element header past its item's end), replayed as the target cuts its input into files:
+/// never a panic, and a volume only within the target's 64 MiB limit.
+#[test]
+fn fuzzer_findings_stay_fixed() {
+    let limits = nifti_io::DecodeLimits {
+        max_decompressed_bytes: 64 << 20,
+    };
+    let dir = manifest_path("fuzz/regressions/dicom_series");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).expect("fuzz/regressions/dicom_series") {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        let files: Vec<(String, Bytes)> = cut::cut_files(&data)
+            .into_iter()
+            .enumerate()
+            .map(|(n, file)| (format!("f{n}.dcm"), Bytes::copy_from_slice(file)))
+            .collect();
+        let outcome = std::panic::catch_unwind(|| {
+            image::open(Upload::Dicom(files), limits).map(|file| {
+                assert!(file.volume_bytes() <= 64 << 20);
+                file.read_volume().map(|v| v.byte_size())
+            })
+        });
+        assert!(outcome.is_ok(), "{} panicked", path.display());
+        replayed += 1;
+    }
+    assert!(replayed >= 3, "{replayed} inputs in {}", dir.display());
+}

@@ -20,7 +20,9 @@ const MODEL: &str = "deepgrow_2d";
 static PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    PROCESSES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    PROCESSES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn installed(program: &str) -> bool {
