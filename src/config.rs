@@ -95,8 +95,9 @@ pub struct Config {
     #[arg(long, env = "DEEPGROW_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
 
-    /// Where sessions live: `memory` (this process; the default), or `redis://[:password@]host:port[/db]`,
-    /// shared by every replica of a fleet: any replica then serves any session, and a replica's restart or
+    /// Where sessions live: `memory` (this process; the default), or `redis://[:password@]host:port[/db]`
+    /// (`rediss://` for TLS, verified against the system's roots or `SSL_CERT_FILE`), shared by every replica
+    /// of a fleet: any replica then serves any session, and a replica's restart or
     /// death loses none. The memory bounds above then bound each replica's local cache of volumes.
     #[arg(long, env = "DEEPGROW_SESSION_STORE", default_value = "memory", value_parser = parse_session_store, hide_env_values = true)]
     pub session_store: SessionBackend,
@@ -196,12 +197,10 @@ fn parse_session_store(text: &str) -> Result<SessionBackend, String> {
     if text.is_empty() || text.eq_ignore_ascii_case("memory") {
         return Ok(SessionBackend::Memory);
     }
-    if !(text.starts_with("redis://")
-        || text.starts_with("redis+unix://")
-        || text.starts_with("unix://"))
-    {
+    let schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
+    if !schemes.iter().any(|scheme| text.starts_with(scheme)) {
         return Err(format!(
-            "expected 'memory' or a redis://host:port[/db] URL, got '{}'",
+            "expected 'memory' or a redis://host:port[/db] (rediss:// for TLS) URL, got '{}'",
             text.split('@').next_back().unwrap_or(text)
         ));
     }
@@ -308,6 +307,10 @@ mod tests {
             Ok(SessionBackend::Redis("redis://cache:6379/1".into()))
         );
         assert_eq!(parse_session_store("MEMORY"), Ok(SessionBackend::Memory));
+        assert!(matches!(
+            parse_session_store("rediss://:pw@cache:6380/0"),
+            Ok(SessionBackend::Redis(_))
+        ));
         let refused = parse_session_store("http://user:secret@cache:6379").unwrap_err();
         assert!(
             refused.contains("redis://") && !refused.contains("secret"),

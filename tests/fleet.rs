@@ -128,6 +128,10 @@ struct Replica {
 
 impl Replica {
     fn spawn(args: &[&str]) -> Replica {
+        Replica::spawn_with_env(args, &[])
+    }
+
+    fn spawn_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Replica {
         let port = free_port();
         let models = manifest_path("models");
         let child = Command::new(env!("CARGO_BIN_EXE_deepgrow-server"))
@@ -135,6 +139,7 @@ impl Replica {
             .args(["--models-dir", models.to_str().unwrap()])
             .args(["--inference-threads", "1"])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -326,6 +331,129 @@ fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
         redis.command(&format!("EXISTS deepgrow:session:{session}")),
         ":0"
     );
+}
+
+/// `rediss://`: Debian's redis-server on a TLS port with a certificate of a CA made here. A replica that trusts
+/// the CA (`SSL_CERT_FILE`) keeps its sessions there; one that does not gets a 503 that says why.
+#[test]
+fn sessions_go_to_redis_over_tls_and_an_untrusted_certificate_is_refused() {
+    if Redis::start().is_none() {
+        return;
+    }
+    if !installed("openssl") {
+        assert!(
+            std::env::var_os("DEEPGROW_REQUIRE_REDIS").is_none(),
+            "DEEPGROW_REQUIRE_REDIS is set but openssl (for the test's certificates) is not installed"
+        );
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let _turn = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=deepgrow-test-ca",
+    ]);
+    std::fs::write(dir.path().join("san.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "redis.key",
+        "-out",
+        "redis.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    ]);
+    let port = free_port();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            &path("redis.pem"),
+            "--tls-key-file",
+            &path("redis.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--save", "", "--appendonly", "no", "--dir", &path("")])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server starts with TLS");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "redis-server listens on its TLS port"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let store = format!("rediss://localhost:{port}/0");
+    let flags = ["--session-store", store.as_str()];
+
+    let trusting =
+        Replica::spawn_with_env(&flags, &[("SSL_CERT_FILE", &dir.path().join("ca.pem"))]);
+    let session = session_of(&create_session(trusting.addr, 600));
+    let [_, _, k] = ct().liver;
+    check_nifti_mask(&mask(&click(trusting.addr, &session)), &ct().raw, k, true);
+    get(trusting.addr, &format!("/session/{session}")).ok();
+
+    let untrusting = Replica::spawn(&flags);
+    let message = assert_aiaa_error(&click(untrusting.addr, &session), 503, "session store");
+    assert!(message.contains("certificate"), "{message}");
+    let _ = redis.kill();
+    let _ = redis.wait();
 }
 
 /// In-process replicas on the fake engine: their masks come from the clicks alone, so these tests are quick.
