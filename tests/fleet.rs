@@ -25,6 +25,20 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Whether a test's peer program is installed; where it is not, the test skips with a note, unless the CI
+/// variable `required_by` is set, which makes that a failure.
+fn available(program: &str, required_by: &str, hint: &str) -> bool {
+    if installed(program) {
+        return true;
+    }
+    assert!(
+        std::env::var_os(required_by).is_none(),
+        "{required_by} is set but {program} is not installed"
+    );
+    eprintln!("SKIPPED: {program} is not installed ({hint})");
+    false
+}
+
 fn installed(program: &str) -> bool {
     Command::new("sh")
         .args([
@@ -44,12 +58,11 @@ struct Redis {
 
 impl Redis {
     fn start() -> Option<Redis> {
-        if !installed("redis-server") {
-            assert!(
-                std::env::var_os("DEEPGROW_REQUIRE_REDIS").is_none(),
-                "DEEPGROW_REQUIRE_REDIS is set but redis-server is not installed"
-            );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server; .ci/run does)");
+        if !available(
+            "redis-server",
+            "DEEPGROW_REQUIRE_REDIS",
+            "apt-get install redis-server; .ci/run does",
+        ) {
             return None;
         }
         Some(Redis::on_port(free_port()))
@@ -340,12 +353,11 @@ fn sessions_go_to_redis_over_tls_and_an_untrusted_certificate_is_refused() {
     if Redis::start().is_none() {
         return;
     }
-    if !installed("openssl") {
-        assert!(
-            std::env::var_os("DEEPGROW_REQUIRE_REDIS").is_none(),
-            "DEEPGROW_REQUIRE_REDIS is set but openssl (for the test's certificates) is not installed"
-        );
-        eprintln!("SKIPPED: openssl is not installed");
+    if !available(
+        "openssl",
+        "DEEPGROW_REQUIRE_REDIS",
+        "the test's certificates need it",
+    ) {
         return;
     }
     let _turn = one_at_a_time();
@@ -727,12 +739,11 @@ fn the_fleet_loses_no_session_when_replicas_die_and_restart() {
     if Redis::start().is_none() {
         return;
     }
-    if !installed("nginx") {
-        assert!(
-            std::env::var_os("DEEPGROW_REQUIRE_NGINX").is_none(),
-            "DEEPGROW_REQUIRE_NGINX is set but nginx is not installed"
-        );
-        eprintln!("SKIPPED: nginx is not installed (apt-get install nginx-light; .ci/run does)");
+    if !available(
+        "nginx",
+        "DEEPGROW_REQUIRE_NGINX",
+        "apt-get install nginx-light; .ci/run does",
+    ) {
         return;
     }
     let report = std::env::temp_dir().join(format!("fleet-{}.json", std::process::id()));

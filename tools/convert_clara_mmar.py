@@ -230,12 +230,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     weights, config = resolve_inputs(args.mmar, args.weights, args.config)
     res = convert(weights, config, args.out_dir, name=args.name, check=not args.no_check)
+    report(weights, args.out_dir, res)
+    return 0
+
+
+def report(weights: Path, out_dir: Path, res: dict) -> None:
+    """What a conversion wrote, as both converters print it."""
     print(f"weights: {weights} ({res['weights_read_as']}), params {res['params']:,}")
-    print(f"wrote {args.out_dir}/model.onnx sha256 {res['model_sha256']}")
+    print(f"wrote {out_dir}/model.onnx sha256 {res['model_sha256']}")
     if "torch_vs_ort_max_abs_diff" in res:
         print(f"torch vs onnxruntime max abs diff {res['torch_vs_ort_max_abs_diff']:.3e}")
-    print(f"wrote {args.out_dir}/config.json: {json.dumps(res['config']['pipeline'])}")
-    return 0
+    print(f"wrote {out_dir}/config.json: {json.dumps(res['config']['pipeline'])}")
 
 
 if __name__ == "__main__":

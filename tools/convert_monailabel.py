@@ -32,7 +32,6 @@ The weights are a release asset of MONAI Label's repository (Apache-2.0); the RE
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -79,11 +78,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     res = convert(args.weights, args.out_dir, name=args.name, check=not args.no_check)
-    print(f"weights: {args.weights} ({res['weights_read_as']}), params {res['params']:,}")
-    print(f"wrote {args.out_dir}/model.onnx sha256 {res['model_sha256']}")
-    if "torch_vs_ort_max_abs_diff" in res:
-        print(f"torch vs onnxruntime max abs diff {res['torch_vs_ort_max_abs_diff']:.3e}")
-    print(f"wrote {args.out_dir}/config.json: {json.dumps(res['config']['pipeline'])}")
+    clara.report(args.weights, args.out_dir, res)
     return 0
 
 
