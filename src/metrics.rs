@@ -85,8 +85,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("deepgrow");
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(seconds_histogram),
             click_stage_seconds: Family::new_with_constructor(seconds_histogram),
@@ -102,88 +101,84 @@ impl Metrics {
             models: Family::default(),
             ready: Gauge::default(),
             uptime_seconds: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("deepgrow"),
         };
-        let m = &metrics;
-        registry.register(
+        metrics.registry.register(
             "http_requests",
             "HTTP requests answered, by route and status",
-            m.requests.clone(),
+            metrics.requests.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "http_request_seconds",
             "Time from request to response, by route and status",
-            m.request_seconds.clone(),
+            metrics.request_seconds.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "click_stage_seconds",
             "Time a click spends in each stage (wait, decode, pre, infer, post, write, total)",
-            m.click_stage_seconds.clone(),
+            metrics.click_stage_seconds.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "queued_requests",
             "Requests admitted to a worker pool and waiting for a worker",
-            m.queued.clone(),
+            metrics.queued.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "working_requests",
             "Requests running on a worker of the pool",
-            m.working.clone(),
+            metrics.working.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "inflight_bytes",
             "Bytes held in flight by uploads and volumes being decoded",
-            m.inflight_bytes.clone(),
+            metrics.inflight_bytes.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "inflight_budget_bytes",
             "The in-flight byte budget (--max-inflight-bytes)",
-            m.inflight_budget_bytes.clone(),
+            metrics.inflight_budget_bytes.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "sessions",
             "Session volumes held by this process (with a shared store: its local cache)",
-            m.sessions.clone(),
+            metrics.sessions.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "session_bytes",
             "Bytes of session volumes held by this process",
-            m.session_bytes.clone(),
+            metrics.session_bytes.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "session_cache",
             "Session volume lookups: hit (held here), miss (fetched from the shared store), gone (unknown or expired)",
-            m.session_cache.clone(),
+            metrics.session_cache.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "session_fetch_seconds",
             "Time to fetch and rebuild a session volume from the shared store on a cache miss",
-            m.session_fetch_seconds.clone(),
+            metrics.session_fetch_seconds.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "session_store_errors",
             "Failed or timed-out operations on the shared session store, by operation",
-            m.session_store_errors.clone(),
+            metrics.session_store_errors.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "model_info",
             "The models served (value 1), with their version, type and kernels",
-            m.models.clone(),
+            metrics.models.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "ready",
             "1 while the server takes traffic, 0 once it is draining for shutdown",
-            m.ready.clone(),
+            metrics.ready.clone(),
         );
-        registry.register(
+        metrics.registry.register(
             "uptime_seconds",
             "Seconds since the server started",
-            m.uptime_seconds.clone(),
+            metrics.uptime_seconds.clone(),
         );
-        Metrics {
-            registry,
-            ..metrics
-        }
+        metrics
     }
 
     /// Records a click's stage latencies (milliseconds in [`Latencies`]).

@@ -50,6 +50,14 @@ fn installed(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+fn redis_available() -> bool {
+    available(
+        "redis-server",
+        "DEEPGROW_REQUIRE_REDIS",
+        "apt-get install redis-server; .ci/run does",
+    )
+}
+
 /// A throw-away redis-server: no persistence, on its own port.
 struct Redis {
     port: u16,
@@ -58,11 +66,7 @@ struct Redis {
 
 impl Redis {
     fn start() -> Option<Redis> {
-        if !available(
-            "redis-server",
-            "DEEPGROW_REQUIRE_REDIS",
-            "apt-get install redis-server; .ci/run does",
-        ) {
+        if !redis_available() {
             return None;
         }
         Some(Redis::on_port(free_port()))
@@ -133,53 +137,17 @@ impl Drop for Redis {
     }
 }
 
-/// The server binary with the bundled model, as a separate process (so that it can be SIGKILLed).
-struct Replica {
-    addr: SocketAddr,
-    child: Child,
+/// A replica: the server binary in a process of its own (so that it can be SIGKILLed), on one inference thread.
+fn replica(args: &[&str]) -> ServerProcess {
+    replica_with_env(args, &[])
 }
 
-impl Replica {
-    fn spawn(args: &[&str]) -> Replica {
-        Replica::spawn_with_env(args, &[])
-    }
-
-    fn spawn_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Replica {
-        let port = free_port();
-        let models = manifest_path("models");
-        let child = Command::new(env!("CARGO_BIN_EXE_deepgrow-server"))
-            .args(["--port", &port.to_string()])
-            .args(["--models-dir", models.to_str().unwrap()])
-            .args(["--inference-threads", "1"])
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the server starts");
-        let replica = Replica {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            child,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !matches!(try_get(replica.addr, "/ready"), Some(200)) {
-            assert!(Instant::now() < deadline, "the replica gets ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        replica
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn replica_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> ServerProcess {
+    let args: Vec<&str> = ["--inference-threads", "1"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    ServerProcess::start_with_env(&args, env)
 }
 
 /// The status of a GET, or `None` while nothing listens.
@@ -271,8 +239,8 @@ fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
     let Some(redis) = Redis::start() else { return };
     let store = redis.url();
     let flags = ["--session-store", store.as_str()];
-    let a = Replica::spawn(&flags);
-    let b = Replica::spawn(&flags);
+    let a = replica(&flags);
+    let b = replica(&flags);
 
     let session = session_of(&create_session(a.addr, 600));
     let from_a = mask(&click(a.addr, &session));
@@ -287,7 +255,7 @@ fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
     // the replica that created it dies; the session lives on, from B and from a replica started afterwards
     a.kill();
     assert_eq!(mask(&click(b.addr, &session)), from_a);
-    let c = Replica::spawn(&flags);
+    let c = replica(&flags);
     assert_eq!(mask(&click(c.addr, &session)), from_a, "a cache miss");
     assert_eq!(mask(&click(c.addr, &session)), from_a, "a cache hit");
     let info = get(c.addr, &format!("/session/{session}"));
@@ -350,7 +318,7 @@ fn a_session_is_served_by_every_replica_and_outlives_the_one_that_made_it() {
 /// the CA (`SSL_CERT_FILE`) keeps its sessions there; one that does not gets a 503 that says why.
 #[test]
 fn sessions_go_to_redis_over_tls_and_an_untrusted_certificate_is_refused() {
-    if Redis::start().is_none() {
+    if !redis_available() {
         return;
     }
     if !available(
@@ -454,14 +422,13 @@ fn sessions_go_to_redis_over_tls_and_an_untrusted_certificate_is_refused() {
     let store = format!("rediss://localhost:{port}/0");
     let flags = ["--session-store", store.as_str()];
 
-    let trusting =
-        Replica::spawn_with_env(&flags, &[("SSL_CERT_FILE", &dir.path().join("ca.pem"))]);
+    let trusting = replica_with_env(&flags, &[("SSL_CERT_FILE", &dir.path().join("ca.pem"))]);
     let session = session_of(&create_session(trusting.addr, 600));
     let [_, _, k] = ct().liver;
     check_nifti_mask(&mask(&click(trusting.addr, &session)), &ct().raw, k, true);
     get(trusting.addr, &format!("/session/{session}")).ok();
 
-    let untrusting = Replica::spawn(&flags);
+    let untrusting = replica(&flags);
     let message = assert_aiaa_error(&click(untrusting.addr, &session), 503, "session store");
     assert!(message.contains("certificate"), "{message}");
     let _ = redis.kill();
@@ -683,8 +650,8 @@ fn metrics_carry_the_series_to_operate_and_scale_on() {
 #[test]
 fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
     let _turn = one_at_a_time();
-    let replica = Replica::spawn(&["--shutdown-delay", "1.5"]);
-    let addr = replica.addr;
+    let mut server = replica(&["--shutdown-delay", "1.5"]);
+    let addr = server.addr;
     let upload = python_request(
         addr,
         "PUT",
@@ -697,7 +664,7 @@ fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
     std::thread::sleep(Duration::from_millis(200));
 
     let status = Command::new("kill")
-        .args(["-TERM", &replica.child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -718,10 +685,9 @@ fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
     let reply = read_reply(&mut in_flight);
     assert!(!session_of(&reply).is_empty());
 
-    let mut replica = replica;
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(exit) = replica.child.try_wait().unwrap() {
+        if let Some(exit) = server.child.try_wait().unwrap() {
             break exit;
         }
         assert!(Instant::now() < deadline, "the server exits once drained");
@@ -736,7 +702,7 @@ fn sigterm_drains_readiness_first_then_finishes_in_flight_requests() {
 #[test]
 fn the_fleet_loses_no_session_when_replicas_die_and_restart() {
     let _turn = one_at_a_time();
-    if Redis::start().is_none() {
+    if !redis_available() {
         return;
     }
     if !available(

@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -21,49 +20,7 @@ const MIB: u64 = 1 << 20;
 // The server in a process of its own
 // ---------------------------------------------------------------------------------------------------------
 
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
 impl ServerProcess {
-    /// Starts the release-profile binary cargo built for these tests on a free port, with the bundled model.
-    fn start(args: &[&str]) -> Self {
-        let models = manifest_path("models");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deepgrow-server"))
-            .args(["--port", "0", "--log-format", "json", "--models-dir"])
-            .arg(&models)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the server binary starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if line.contains("deepgrow-server ready") {
-                    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let address = log["fields"]["address"].as_str().unwrap().to_owned();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(address);
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server reports its address")
-            .parse()
-            .unwrap();
-        ServerProcess { child, addr }
-    }
-
     fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
         status
@@ -82,13 +39,6 @@ impl ServerProcess {
     /// Peak resident size since the last reset, in bytes.
     fn peak(&self) -> u64 {
         self.status_kib("VmHWM:") * 1024
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -239,6 +239,13 @@ mod tests {
         })
     }
 
+    /// Stores a volume of `voxels` under `id` (also its image name); the id back.
+    fn add(s: &MemoryStore, id: &str, voxels: usize, expiry: Option<u64>) -> String {
+        s.insert(id.into(), volume(voxels), id.into(), expiry)
+            .unwrap()
+            .name
+    }
+
     #[test]
     fn expiry_defaults_and_caps() {
         let s = store(1 << 20, 10);
@@ -252,19 +259,10 @@ mod tests {
     fn least_recently_used_is_evicted_beyond_the_budget() {
         let per = volume(1000).byte_size();
         let s = store(per * 2, 10);
-        let a = s
-            .insert("a".into(), volume(1000), "a".into(), None)
-            .unwrap()
-            .name;
-        let b = s
-            .insert("b".into(), volume(1000), "b".into(), None)
-            .unwrap()
-            .name;
+        let a = add(&s, "a", 1000, None);
+        let b = add(&s, "b", 1000, None);
         assert!(s.volume(&a).is_some()); // a is now more recent than b
-        let c = s
-            .insert("c".into(), volume(1000), "c".into(), None)
-            .unwrap()
-            .name;
+        let c = add(&s, "c", 1000, None);
         assert!(s.volume(&b).is_none(), "b was least recently used");
         assert!(s.volume(&a).is_some() && s.volume(&c).is_some());
         assert_eq!(s.usage(), (2, per * 2));
@@ -273,14 +271,8 @@ mod tests {
     #[test]
     fn count_bound_and_too_large() {
         let s = store(1 << 20, 1);
-        let a = s
-            .insert("a".into(), volume(10), "a".into(), None)
-            .unwrap()
-            .name;
-        let b = s
-            .insert("b".into(), volume(10), "b".into(), None)
-            .unwrap()
-            .name;
+        let a = add(&s, "a", 10, None);
+        let b = add(&s, "b", 10, None);
         assert!(s.volume(&a).is_none() && s.volume(&b).is_some());
         let tiny = store(100, 10);
         assert!(matches!(
@@ -293,10 +285,7 @@ mod tests {
     fn sliding_expiry() {
         // Margins of 0.8 s either side keep this stable on a loaded 2-core machine.
         let s = store(1 << 20, 10);
-        let a = s
-            .insert("a".into(), volume(10), "a".into(), Some(2))
-            .unwrap()
-            .name;
+        let a = add(&s, "a", 10, Some(2));
         std::thread::sleep(Duration::from_millis(1200));
         assert!(s.volume(&a).is_some(), "use refreshes the expiry");
         std::thread::sleep(Duration::from_millis(1200));

@@ -88,6 +88,75 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The server binary cargo built for the tests, in a process of its own, with the bundled model, on a port it
+/// chose itself (read back from its "ready" log line, so no other process can take it first); killed when
+/// dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// With these environment variables set for it as well (`SSL_CERT_FILE`, say).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::path::Path)]) -> Self {
+        use std::process::{Command, Stdio};
+        let models = manifest_path("models");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deepgrow-server"))
+            .args(["--port", "0", "--log-format", "json", "--models-dir"])
+            .arg(&models)
+            .args(args)
+            // the "ready" line is an info line, whatever the caller's RUST_LOG
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the server binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // reads the log to its end, so that the server never blocks on a full pipe
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("deepgrow-server ready") {
+                    let log: Value = serde_json::from_str(&line).unwrap();
+                    let address = log["fields"]["address"].as_str().unwrap().to_owned();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(address);
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the server reports its address")
+            .parse()
+            .unwrap();
+        ServerProcess { child, addr }
+    }
+
+    /// SIGKILL, and the process reaped.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn manifest_path(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
