@@ -215,13 +215,15 @@ class Sessions:
 
 
 class Client(threading.Thread):
-    def __init__(self, fleet_args, port, sessions: Sessions, stop_at: float, clicks_per_session: int | None,
-                 upload, params):
+    """Clicks through `port` until `stop_at`: its own `session` alone (the throughput runs), or sessions it
+    creates, `clicks_per_session` clicks each (the chaos run). Every reply is recorded and checked."""
+
+    def __init__(self, port, sessions: Sessions, upload, params, where="the load balancer", stop_at=0.0,
+                 clicks_per_session=None, session=None):
         super().__init__(daemon=True)
-        self.port, self.sessions, self.stop_at = port, sessions, stop_at
-        self.clicks_per_session = clicks_per_session
+        self.port, self.sessions, self.where, self.stop_at = port, sessions, where, stop_at
+        self.clicks_per_session, self.session = clicks_per_session, session
         self.upload, self.params = upload, params
-        self.model = lt.MODEL
         self.records = []  # (kind, start, end, status or None, error)
         self.created = []
 
@@ -245,14 +247,19 @@ class Client(threading.Thread):
         self.created.append(sid)
         return sid
 
-    def click(self, sid: str):
+    def click(self, sid: str) -> int | None:
         ct, body = self.params
-        status, rh, data = self.request("click", "POST", f"/v1/deepgrow?model={self.model}&session_id={sid}", body,
+        status, rh, data = self.request("click", "POST", f"/v1/deepgrow?model={lt.MODEL}&session_id={sid}", body,
                                         {"Content-Type": ct})
         if status is not None:
-            self.sessions.check(sid, status, mask_of(status, rh, data), "the load balancer")
+            self.sessions.check(sid, status, mask_of(status, rh, data), self.where)
+        return status
 
     def run(self):
+        if self.session is not None:
+            while time.perf_counter() < self.stop_at:
+                self.click(self.session)
+            return
         sid, done = None, 0
         while time.perf_counter() < self.stop_at:
             if sid is None or (self.clicks_per_session and done >= self.clicks_per_session):
@@ -287,20 +294,15 @@ def summarize(records, t0: float, kill_at: float | None):
 
 def throughput(args, port: int, upload, params, seconds: float) -> dict:
     sessions = Sessions()
-    stop_at = time.perf_counter() + 3600
-    clients = [Client(args, port, sessions, stop_at, None, upload, params) for _ in range(args.clients)]
-    sids = [c.create() for c in clients]
-    for c, sid in zip(clients, sids):
-        c.click(sid)  # warm: the first click of a session may be a cache miss
-        c.records.clear()
-    for c, sid in zip(clients, sids):
-        c.stop_at = time.perf_counter() + seconds
-
-        def loop(c=c, sid=sid):
-            while time.perf_counter() < c.stop_at:
-                c.click(sid)
-        c.run = loop
+    clients = []
+    for _ in range(args.clients):
+        setup = Client(port, sessions, upload, params)
+        sid = setup.create()
+        setup.click(sid)  # warm: the first click of a session may be a cache miss
+        clients.append(Client(port, sessions, upload, params, session=sid))
+    stop_at = time.perf_counter() + seconds
     for c in clients:
+        c.stop_at = stop_at
         c.start()
     for c in clients:
         c.join()
@@ -413,8 +415,8 @@ def main(argv=None) -> int:
         sessions = Sessions()
         t0 = time.perf_counter()
         stop_at = t0 + args.duration
-        clients = [Client(args, fleet.nginx.port, sessions, stop_at, args.clicks, upload, params)
-                   for _ in range(args.clients)]
+        clients = [Client(fleet.nginx.port, sessions, upload, params, stop_at=stop_at,
+                          clicks_per_session=args.clicks) for _ in range(args.clients)]
         for c in clients:
             c.start()
         killed, restarted = fleet.replicas[0], fleet.replicas[1]
@@ -431,20 +433,15 @@ def main(argv=None) -> int:
 
         # every session, through the balancer and through each live replica
         created = [sid for c in clients for sid in c.created]
-        checker = Client(args, fleet.nginx.port, sessions, 0, None, upload, params)
+        checker = Client(fleet.nginx.port, sessions, upload, params)
+        direct = {server.port: Client(server.port, sessions, upload, params, where=f"replica :{server.port}")
+                  for server in fleet.replicas if server.alive()}
         for sid in created:
             checker.click(sid)
-            for server in fleet.replicas:
-                if not server.alive():
-                    continue
-                direct = Client(args, server.port, sessions, 0, None, upload, params)
-                ct, body = params
-                status, rh, data = direct.request("verify", "POST",
-                                                  f"/v1/deepgrow?model={lt.MODEL}&session_id={sid}", body,
-                                                  {"Content-Type": ct})
-                sessions.check(sid, status or 0, mask_of(status, rh, data), f"replica :{server.port}")
+            for port, client in direct.items():
+                status = client.click(sid)
                 if status != 200:
-                    sessions.lost.setdefault(sid, f"{status} from replica :{server.port} at the end")
+                    sessions.lost.setdefault(sid, f"{status} from replica :{port} at the end")
         chaos["sessions_created"] = len(created)
         chaos["sessions_lost"] = len(sessions.lost)
         chaos["lost_examples"] = list(sessions.lost.items())[:5]
