@@ -60,6 +60,9 @@ import deepgrow_model as dm  # noqa: E402
 ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}  # TotalSegmentator "total" ids
 DEFAULT_DATA = Path("/work/shared/data/ct_labeled")
 DEFAULT_VAL_CASE = "totalseg_example_ct_sm"
+SHARED_DATA = Path("/work/shared/data")
+# data/SOURCES.md: totalseg_example_ct_sm is slices 82-111 of the 112-slice original (same patient, same scan)
+SAME_PATIENT = {"totalseg_example_ct_sm": {"totalseg_examplect112": (82, 112)}}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -112,24 +115,85 @@ def load_cases(args, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray
     return out
 
 
-def make_samples(cases: dict, min_area: int, regions: set[int] | None = None) -> list[tuple[str, int, int]]:
-    """(case, slice, region id) for every non-zero label id with >= min_area pixels on a slice."""
+def make_samples(cases: dict, min_area: int, regions: set[int] | None = None,
+                 excluded: dict[str, set[int]] | None = None) -> list[tuple[str, int, int, float]]:
+    """(case, slice, region id, area in target pixels) for every non-zero label id with >= min_area pixels on a
+    slice at the target spacing, except the slices `excluded` names per case."""
     samples = []
-    for name, (_, label) in cases.items():
+    for name, case in cases.items():
+        label, px_scale = (case.label, case.pixel_scale) if isinstance(case, NativeCase) else (case[1], 1.0)
+        skip = (excluded or {}).get(name, set())
         for s in range(label.shape[0]):
+            if s in skip:
+                continue
             ids, counts = np.unique(label[s], return_counts=True)
             for i, c in zip(ids.tolist(), counts.tolist()):
-                if i != 0 and c >= min_area and (regions is None or i in regions):
-                    samples.append((name, s, int(i)))
+                area = c * px_scale
+                if i != 0 and area >= min_area and (regions is None or i in regions):
+                    samples.append((name, s, int(i), float(area)))
     return samples
 
 
-def sample_dict(cases: dict, sample: tuple[str, int, int]) -> dict:
-    name, s, region = sample
-    image, label = cases[name]
+class NativeCase:
+    """A volume kept at its own spacing (slice axis first) whose slices are resampled to the target spacing when
+    drawn: the 283 head-and-neck CTs at 5 mm would take ~200 MB each at 1 mm."""
+
+    def __init__(self, image: np.ndarray, label: np.ndarray, spacing: tuple[float, float], pixdim):
+        self.image, self.label = image, label
+        self.size = [max(1, round(n * sp / pd)) for n, sp, pd in zip(image.shape[1:], spacing, pixdim)]
+        self.pixel_scale = float(np.prod(self.size) / np.prod(image.shape[1:]))
+
+    def slice_at(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        f = torch.nn.functional
+        image = f.interpolate(torch.from_numpy(self.image[s])[None, None], size=self.size, mode="bilinear",
+                              align_corners=False)[0, 0].numpy()
+        label = f.interpolate(torch.from_numpy(self.label[s].astype(np.float32))[None, None], size=self.size,
+                              mode="nearest")[0, 0].numpy().astype(np.int16)
+        return image, label
+
+
+def list_pair_cases(data_dir: Path) -> list[str]:
+    """Names of the NAME_img.nii.gz + NAME_lbl.nii.gz pairs in a directory (ct_labeled_extra, ct_labeled_hn)."""
+    return sorted(p.name[: -len("_img.nii.gz")] for p in data_dir.glob("*_img.nii.gz")
+                  if (data_dir / (p.name[: -len("_img.nii.gz")] + "_lbl.nii.gz")).is_file())
+
+
+def load_native_case(data_dir: Path, name: str, pixdim) -> NativeCase:
+    import nibabel as nib
+
+    img = nib.load(str(data_dir / f"{name}_img.nii.gz"))
+    lab = nib.load(str(data_dir / f"{name}_lbl.nii.gz"))
+    image = np.ascontiguousarray(np.moveaxis(img.get_fdata(dtype=np.float32), -1, 0))
+    label = np.ascontiguousarray(np.moveaxis(np.rint(lab.get_fdata()).astype(np.int16), -1, 0))
+    return NativeCase(image, label, tuple(float(z) for z in img.header.get_zooms()[:2]), pixdim)
+
+
+def source_of(case: str) -> str:
+    return "head_neck" if case.startswith("openkbp_") else "abdomen"
+
+
+def held_out_slices(val_case: str, gap: int) -> dict[str, set[int]]:
+    """Slices of other files that show the held-out patient near the held-out slices, which training never uses."""
+    out = {}
+    for other, (lo, hi) in SAME_PATIENT.get(val_case, {}).items():
+        out[other] = set(range(max(lo - gap, 0), hi + gap))
+    return out
+
+
+def slice_at(case, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(H', W') image and label of slice s at the target spacing: a pre-resampled (image, label) pair, or a
+    NativeCase that resamples the slice it is asked for."""
+    if isinstance(case, NativeCase):
+        return case.slice_at(s)
+    return case[0][s], case[1][s]
+
+
+def sample_dict(cases: dict, sample: tuple) -> dict:
+    name, s, region = sample[:3]
+    image, label = slice_at(cases[name], s)
     return {
-        "image": image[s][None].copy(),
-        "label": (label[s] == region)[None].astype(np.float32),
+        "image": image[None].astype(np.float32),
+        "label": (label == region)[None].astype(np.float32),
         "image_meta_dict": {},
         "label_meta_dict": {},
         "case": name, "slice": s, "region": region,
@@ -248,7 +312,7 @@ class SliceDataset(torch.utils.data.Dataset):
     `patch_until` are patches of `patch_size` (0: the whole network input)."""
 
     def __init__(self, cases, samples, transforms, seed: int, augment: bool = True, patch_size: int = 0,
-                 patch_until: int = 0, batch_size: int = 1):
+                 patch_until: int = 0, batch_size: int = 1, shares: dict[str, float] | None = None):
         self.cases, self.transforms, self.seed, self.augment = cases, transforms, seed, augment
         self.patch_size, self.patch_until, self.batch_size = patch_size, patch_until, batch_size
         by_structure: dict[tuple[str, int], list] = {}
@@ -257,8 +321,14 @@ class SliceDataset(torch.utils.data.Dataset):
         self.structures = [by_structure[k] for k in sorted(by_structure)]
         # sqrt of the mean area: large organs (long boundaries, the hard cases) are drawn more often than the many
         # small ribs and vessels, without drowning them
-        areas = [np.mean([(cases[c][1][sl] == r).sum() for c, sl, r in group]) for group in self.structures]
+        areas = [np.mean([sample[3] for sample in group]) for group in self.structures]
         weights = np.sqrt(np.asarray(areas, dtype=np.float64))
+        if shares:
+            # each source (abdomen, head and neck) gets its share of the draws, whatever its number of structures
+            source = np.asarray([source_of(group[0][0]) for group in self.structures])
+            for name in set(source.tolist()):
+                mask = source == name
+                weights[mask] *= shares.get(name, 0.0) / weights[mask].sum()
         self.structure_p = weights / weights.sum()
 
     def __len__(self):
@@ -406,6 +476,13 @@ def simulate_clicks(net, items: list[dict], clicks, args, device, rng: np.random
     return items
 
 
+def learning_rate(args, step: int) -> float:
+    """--lr, constant or cosine-annealed to --lr-min over --steps (a function of the step, so --resume keeps it)."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return args.lr_min + 0.5 * (args.lr - args.lr_min) * (1.0 + np.cos(np.pi * min(step / args.steps, 1.0)))
+
+
 def train(args) -> int:
     from monai.data import list_data_collate
     from monai.losses import DiceLoss
@@ -422,16 +499,35 @@ def train(args) -> int:
     assert args.val_case not in train_names
     cases = load_cases(args, names)
     train_cases = {n: cases[n] for n in train_names}
+    for extra in args.extra_dir:
+        for name in list_pair_cases(extra):
+            if name != args.val_case:
+                train_cases[name] = load_native_case(extra, name, args.pixdim)
+    if args.hn_dir:
+        hn = list_pair_cases(args.hn_dir)
+        if args.hn_limit and len(hn) > args.hn_limit:
+            hn = [hn[int(i)] for i in np.linspace(0, len(hn) - 1, args.hn_limit)]
+        for name in hn:
+            train_cases[name] = load_native_case(args.hn_dir, name, args.pixdim)
     val_cases = {args.val_case: cases[args.val_case]}
-    train_samples = make_samples(train_cases, args.min_area)
+    excluded = held_out_slices(args.val_case, args.same_patient_gap)
+    train_samples = make_samples(train_cases, args.min_area, excluded=excluded)
+    for name, skip in excluded.items():
+        # the held-out patient's own slices (and their neighbours) never reach training
+        assert not any(smp[0] == name and smp[1] in skip for smp in train_samples)
+        if name in train_cases:
+            print(f"{name}: slices {min(skip)}-{max(skip)} excluded (the held-out {args.val_case} and "
+                  f"{args.same_patient_gap} slices either side)", flush=True)
     val_samples = make_samples(val_cases, args.min_area, set(ORGANS))
     if args.val_limit and len(val_samples) > args.val_limit:
         # an evenly spread, fixed subset (every organ keeps some slices)
         val_samples = [val_samples[int(i)] for i in np.linspace(0, len(val_samples) - 1, args.val_limit)]
     ds = SliceDataset(train_cases, train_samples, pre_transforms(args, train=True), args.seed,
                       augment=args.augment, patch_size=args.patch_size, patch_until=args.patch_until,
-                      batch_size=args.batch_size)
-    print(f"device {device}; train cases {train_names}: {len(train_samples)} (slice, region) samples in "
+                      batch_size=args.batch_size,
+                      shares={"abdomen": 1.0 - args.hn_share, "head_neck": args.hn_share} if args.hn_dir else None)
+    train_names = sorted(train_cases)
+    print(f"device {device}; {len(train_names)} train cases: {len(train_samples)} (slice, region) samples in "
           f"{len(ds.structures)} structures; validation {args.val_case}: {len(val_samples)} organ samples",
           flush=True)
 
@@ -441,6 +537,10 @@ def train(args) -> int:
     loss_fn = DiceLoss(sigmoid=True)
     step, best = 0, None
     last = work / "last.pt"
+    if args.init and not args.resume:
+        init_args = SimpleNamespace(**{**vars(args), "checkpoint": args.init})
+        net.load_state_dict(load_for_eval(init_args)[0].state_dict())
+        print(f"initialised from {args.init}", flush=True)
     if args.resume:
         if not last.is_file():
             raise SystemExit(f"--resume: {last} not found")
@@ -466,6 +566,8 @@ def train(args) -> int:
         batch = list_data_collate(items)
         x, y = batch["image"].to(device), batch["label"].to(device)
         net.train()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step)
         opt.zero_grad(set_to_none=True)
         with autocast(args, device):
             out = net(x)
@@ -478,7 +580,8 @@ def train(args) -> int:
             loss.backward()
             opt.step()
         step += 1
-        rec = {"step": step, "loss": float(loss.detach()), "size": int(x.shape[-1]), "sec": round(time.time() - t0, 3)}
+        rec = {"step": step, "loss": float(loss.detach()), "size": int(x.shape[-1]), "sec": round(time.time() - t0, 3),
+               "lr": opt.param_groups[0]["lr"]}
         if step % args.log_every == 0 or step == args.steps:
             print(json.dumps(rec), flush=True)
         if args.val_every and (step % args.val_every == 0 or step == args.steps) and val_samples:
@@ -589,6 +692,16 @@ def parse_args(argv=None):
     g.add_argument("--subtrahend", type=float, default=dm.DEFAULT_PIPELINE["subtrahend"])
     g.add_argument("--divisor", type=float, default=dm.DEFAULT_PIPELINE["divisor"])
     g.add_argument("--sigma", type=float, default=dm.DEFAULT_PIPELINE["sigma"])
+    g.add_argument("--extra-dir", type=Path, nargs="*", default=[],
+                   help="more training data: directories of NAME_img.nii.gz + NAME_lbl.nii.gz pairs (abdomen share), "
+                        f"e.g. {SHARED_DATA / 'ct_labeled_extra'}")
+    g.add_argument("--hn-dir", type=Path, default=None,
+                   help=f"head-and-neck CTs (NAME_img/NAME_lbl pairs), e.g. {SHARED_DATA / 'ct_labeled_hn'}")
+    g.add_argument("--hn-limit", type=int, default=0, help="at most this many head-and-neck cases, evenly spread (0: all)")
+    g.add_argument("--hn-share", type=float, default=0.3, help="share of the draws that come from --hn-dir")
+    g.add_argument("--same-patient-gap", type=int, default=5,
+                   help="slices either side of the held-out case's own slices that training skips in a file of the "
+                        "same patient (totalseg_examplect112 holds totalseg_example_ct_sm)")
     g.add_argument("--min-area", type=int, default=10, help="skip label regions smaller than this (pixels at 1 mm)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no random in-plane flips")
 
@@ -596,6 +709,10 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=20000)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    g.add_argument("--lr-min", type=float, default=1e-6, help="the cosine schedule's last learning rate")
+    g.add_argument("--init", type=Path, default=None,
+                   help="start from these weights (a .pt checkpoint or a served model.onnx) instead of random ones")
     g.add_argument("--max-interactions", type=int, default=15)
     g.add_argument("--ckpt-every", type=int, default=500)
     g.add_argument("--keep-checkpoints", action="store_true", help="also keep step_NNNNNNN.pt files")

@@ -66,3 +66,51 @@ def test_train_resume_eval_export(tmp_path):
     for organ, r in from_pt.items():
         if isinstance(r, dict):
             assert all(abs(from_onnx[organ][k] - v) < 1e-6 for k, v in r.items()), organ
+
+
+def _write_pair(root, name, rng, spacing, depth):
+    """A NAME_img/NAME_lbl pair (the layout of ct_labeled_extra and ct_labeled_hn): one disc, label 2, on every slice."""
+    img = rng.normal(40, 30, size=(24, 20, depth)).astype(np.float32)
+    lab = np.zeros(img.shape, dtype=np.uint8)
+    yy, xx = np.mgrid[:24, :20]
+    lab[(yy - 12) ** 2 + (xx - 10) ** 2 < 25, :] = 2
+    aff = np.diag([spacing, spacing, 3.0, 1.0])
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(img, aff), str(root / f"{name}_img.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, aff), str(root / f"{name}_lbl.nii.gz"))
+
+
+def test_extra_and_head_neck_data_keep_the_held_out_patient_out(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    _write_case(data, "case_a", rng, [(10, 10, 5)])
+    _write_case(data, "held_out", rng, [(15, 15, 6)])
+    _write_pair(tmp_path / "extra", "held_out_full", rng, 3.0, 6)  # the held-out patient: its slices 2-4 are held_out
+    _write_pair(tmp_path / "hn", "openkbp_pt_1", rng, 5.0, 2)
+    monkeypatch.setattr(train, "SAME_PATIENT", {"held_out": {"held_out_full": (2, 5)}})
+    work = tmp_path / "work"
+    common = ["--smoke", "--data-dir", str(data), "--val-case", "held_out", "--work-dir", str(work),
+              "--extra-dir", str(tmp_path / "extra"), "--hn-dir", str(tmp_path / "hn"), "--hn-share", "0.25",
+              "--same-patient-gap", "1", "--lr-schedule", "cosine"]
+    assert train.main(common + ["--steps", "2"]) == 0
+
+    # slices resampled to 1 mm when drawn: 24 x 20 at 5 mm -> 120 x 100
+    hn = train.load_native_case(tmp_path / "hn", "openkbp_pt_1", [1.0, 1.0])
+    image, label = hn.slice_at(1)
+    assert image.shape == label.shape == (120, 100) and set(np.unique(label)) == {0, 2}
+    excluded = train.held_out_slices("held_out", 1)
+    assert excluded == {"held_out_full": {1, 2, 3, 4, 5}}
+    cases = {"held_out_full": train.load_native_case(tmp_path / "extra", "held_out_full", [1.0, 1.0]), "openkbp_pt_1": hn}
+    samples = train.make_samples(cases, 10, excluded=excluded)
+    assert sorted(s[1] for s in samples if s[0] == "held_out_full") == [0]
+    ds = train.SliceDataset(cases, samples, train.pre_transforms(train.parse_args(common), True), 0,
+                            shares={"abdomen": 0.75, "head_neck": 0.25})
+    p = {train.source_of(g[0][0]): float(q) for g, q in zip(ds.structures, ds.structure_p)}
+    assert abs(p["head_neck"] - 0.25) < 1e-9 and abs(p["abdomen"] - 0.75) < 1e-9
+
+    # a fine-tune starts from the given weights, and the cosine schedule ends at --lr-min
+    init = tmp_path / "init"
+    assert train.main(common + ["--steps", "2", "--init", str(work / "last.pt"), "--work-dir", str(init)]) == 0
+    log = [json.loads(line) for line in (init / "train_log.jsonl").read_text().splitlines()]
+    args = train.parse_args(common + ["--steps", "2"])
+    assert log[0]["lr"] == args.lr and abs(train.learning_rate(args, 2) - args.lr_min) < 1e-12
