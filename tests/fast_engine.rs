@@ -1,9 +1,9 @@
 //! The fast kernels against the unmodified graph run by tract's own kernels, on real CT inputs (network inputs
-//! built by the server's pipeline from the held-out CT) and the parity fixture input, at the model's 512 × 512
-//! and at 256 × 256 (the size of NVIDIA's Clara model), with 1 and 2 threads. The two agree within tract's own
-//! float32 error (model_parity.rs checks each engine against the exact model), and their masks (logit ≥ 0) may
-//! differ only where |logit| is below that bound. The opt-in F(4 × 4, 3 × 3) kernels give masks with Dice ≥ 0.99
-//! against the default ones.
+//! built by the server's pipeline from the held-out CT, at the model's own input size) and the parity fixture
+//! input, at 512 × 512 and at 256 × 256 (the size of NVIDIA's Clara model), with 1 and 2 threads. The two agree
+//! within tract's own float32 error (model_parity.rs checks each engine against the exact model), and their masks
+//! (logit ≥ 0) may differ only where |logit| is below that bound. The opt-in F(4 × 4, 3 × 3) kernels give masks
+//! with Dice ≥ 0.99 against the default ones.
 
 use std::path::Path;
 
@@ -28,6 +28,15 @@ fn root() -> &'static Path {
 
 fn model_path() -> std::path::PathBuf {
     root().join("models/deepgrow_2d/model.onnx")
+}
+
+/// The input size of the bundled model's pipeline (config.json), at which the CT inputs are built.
+fn model_size() -> [usize; 2] {
+    read_model_config(&root().join("models/deepgrow_2d"))
+        .unwrap()
+        .unwrap()
+        .pipeline
+        .model_size
 }
 
 /// Network inputs from the real CT fixture through the server's pipeline: a liver click and a kidney click.
@@ -95,8 +104,8 @@ fn dice(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
 
 #[test]
 fn fast_kernels_match_tract_on_the_bundled_model() {
-    let tract = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Tract).unwrap();
-    let fast = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Fast).unwrap();
+    let tract = TractEngine::load(&model_path(), model_size(), 2, Kernels::Tract).unwrap();
+    let fast = TractEngine::load(&model_path(), model_size(), 2, Kernels::Fast).unwrap();
     assert_eq!(
         fast.kernels(),
         Kernels::Fast,
@@ -107,6 +116,8 @@ fn fast_kernels_match_tract_on_the_bundled_model() {
         let got = fast.infer(input).unwrap();
         compare(&want, &got, &format!("CT input {n}"), MAX_DIFF);
     }
+    let tract = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Tract).unwrap();
+    let fast = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Fast).unwrap();
     let input = common::fixture_network_input(512);
     let want = tract.infer(input.clone()).unwrap();
     compare(
@@ -186,10 +197,10 @@ fn bf16_kernels_give_the_masks_of_the_float32_ones_on_real_ct() {
         eprintln!("skipped: this CPU has neither AMX nor AVX-512-BF16");
         return;
     }
-    let fast = TractEngine::load(&model_path(), [512, 512], 2, Kernels::Fast).unwrap();
+    let fast = TractEngine::load(&model_path(), model_size(), 2, Kernels::Fast).unwrap();
     for threads in [1, 2] {
         let bf16 =
-            TractEngine::load(&model_path(), [512, 512], threads, Kernels::FastBf16).unwrap();
+            TractEngine::load(&model_path(), model_size(), threads, Kernels::FastBf16).unwrap();
         assert_eq!(bf16.kernels(), Kernels::FastBf16);
         for (n, input) in ct_inputs().into_iter().enumerate() {
             let want = fast.infer(input.clone()).unwrap();

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Training recipe for the bundled Deepgrow 2D model (issue 4): train, evaluate, export.
 
-Data: every labelled CT volume in --data-dir (imagesTr/X.nii.gz + labelsTr/X.nii.gz). Every non-zero label id on
-a slice is a separate binary target (deepgrow is class-agnostic). The case --val-case (default
-totalseg_example_ct_sm: the only one with liver, spleen and both kidneys) is held out for validation and is never
-trained on. Training samples are drawn per structure (case, label id), weighted by the square root of its mean area,
-then one of its slices.
+Data: every labelled CT volume in --data-dir (imagesTr/X.nii.gz + labelsTr/X.nii.gz), and (issue 15) the
+NAME_img/NAME_lbl pairs of --extra-dir and --hn-dir, kept at their own spacing and resampled to 1 mm slice by slice
+when drawn. Every non-zero label id on a slice is a separate binary target (deepgrow is class-agnostic). The case
+--val-case (default totalseg_example_ct_sm: the only one with liver, spleen and both kidneys) is held out for
+validation and is never trained on, nor are the slices of the same patient's other file that show it (SAME_PATIENT)
+and --same-patient-gap slices either side. Training samples are drawn per structure (case, label id), weighted by
+the square root of its mean area, then one of its slices; the head-and-neck cases get --hn-share of the draws.
 
 Pre-processing is the serving pipeline (config.json "pipeline"), done with MONAI's transforms:
   volume (H, W, D) -> slice axis first (EnsureChannelFirstd(channel_dim=-1), as AsChannelFirstd at inference)
@@ -25,7 +27,8 @@ whole 512 x 512 input, so that the InstanceNorm statistics of the served input a
 
 Click simulation is MONAI's Deepgrow one (monai.apps.deepgrow.interaction.Interaction, run by simulate_clicks) with
 Activationsd(sigmoid) -> FindDiscrepancyRegionsd -> AddRandomGuidanced -> AddGuidanceSignald, up to
---max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True), Adam lr 1e-4.
+--max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True), Adam lr 1e-4 (constant,
+or cosine-annealed with --lr-schedule cosine); --init starts from a checkpoint's or a served model.onnx's weights.
 
     # train (GPU if available), checkpoints in --work-dir every --ckpt-every steps; --resume continues from last.pt
     tools/.venv/bin/python tools/train.py --work-dir scratch/train --steps 20000
@@ -661,7 +664,8 @@ def run_export(args) -> int:
     desc = args.description or (
         f"Deepgrow 2D BasicUNet trained with tools/train.py (step {ck.get('step')}) on the project's labelled CT slices.")
     sha = export_model_dir(
-        net, Path(args.out_dir), tuple(args.model_size), name=args.name, description=desc, version=args.version,
+        net, Path(args.out_dir), tuple(args.onnx_size or args.model_size), name=args.name, description=desc,
+        version=args.version,
         model_size=list(args.model_size), crop_size=list(args.crop_size), subtrahend=args.subtrahend,
         divisor=args.divisor, sigma=args.sigma, target_spacing=list(args.pixdim),
     )
@@ -739,6 +743,9 @@ def parse_args(argv=None):
     g.add_argument("--out-dir", type=Path, default=dm.MODEL_DIR)
     g.add_argument("--name", default="deepgrow_2d")
     g.add_argument("--version", default="2")
+    g.add_argument("--onnx-size", type=int, nargs=2, default=None,
+                   help="the input size the graph declares (default: --model-size); the server sets the input to the "
+                        "config's model_size, the network being fully convolutional")
     g.add_argument("--description", default=None)
 
     args = ap.parse_args(argv)
