@@ -61,9 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepgrow_model as dm  # noqa: E402
 
 ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}  # TotalSegmentator "total" ids
-DEFAULT_DATA = Path("/work/shared/data/ct_labeled")
-DEFAULT_VAL_CASE = "totalseg_example_ct_sm"
 SHARED_DATA = Path("/work/shared/data")
+DEFAULT_DATA = SHARED_DATA / "ct_labeled"
+DEFAULT_VAL_CASE = "totalseg_example_ct_sm"
 # data/SOURCES.md: totalseg_example_ct_sm is slices 82-111 of the 112-slice original (same patient, same scan)
 SAME_PATIENT = {"totalseg_example_ct_sm": {"totalseg_examplect112": (82, 112)}}
 
@@ -502,16 +502,12 @@ def train(args) -> int:
     assert args.val_case not in train_names
     cases = load_cases(args, names)
     train_cases = {n: cases[n] for n in train_names}
-    for extra in args.extra_dir:
-        for name in list_pair_cases(extra):
-            if name != args.val_case:
-                train_cases[name] = load_native_case(extra, name, args.pixdim)
-    if args.hn_dir:
-        hn = list_pair_cases(args.hn_dir)
-        if args.hn_limit and len(hn) > args.hn_limit:
-            hn = [hn[int(i)] for i in np.linspace(0, len(hn) - 1, args.hn_limit)]
-        for name in hn:
-            train_cases[name] = load_native_case(args.hn_dir, name, args.pixdim)
+    for pair_dir, limit in [(d, 0) for d in args.extra_dir] + ([(args.hn_dir, args.hn_limit)] if args.hn_dir else []):
+        names_here = [n for n in list_pair_cases(pair_dir) if n != args.val_case]
+        if limit and len(names_here) > limit:
+            names_here = [names_here[int(i)] for i in np.linspace(0, len(names_here) - 1, limit)]
+        for name in names_here:
+            train_cases[name] = load_native_case(pair_dir, name, args.pixdim)
     val_cases = {args.val_case: cases[args.val_case]}
     excluded = held_out_slices(args.val_case, args.same_patient_gap)
     train_samples = make_samples(train_cases, args.min_area, excluded=excluded)
