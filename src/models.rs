@@ -330,6 +330,13 @@ mod tests {
         .unwrap();
         std::fs::write(empty.join("config.json"), b"{}").unwrap();
 
+        // The bundled model's input size, read independently of the registry's own parsing.
+        let bundled: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ours.join("config.json")).unwrap()).unwrap();
+        let bundled_size: Vec<usize> =
+            serde_json::from_value(bundled["pipeline"]["model_size"].clone()).unwrap();
+        let bundled_size: [usize; 2] = bundled_size.try_into().unwrap();
+
         let mut requested = Vec::new();
         let registry = Registry::load(root.path(), |path, size| {
             requested.push((path.to_owned(), size));
@@ -349,7 +356,7 @@ mod tests {
         assert_eq!(
             requested,
             [
-                (ours.join("model.onnx"), [512, 512]),
+                (ours.join("model.onnx"), bundled_size),
                 (clara.join("model.onnx"), [256, 256])
             ]
         );
