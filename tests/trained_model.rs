@@ -115,9 +115,9 @@ fn one_click_segments_liver_spleen_and_kidneys_on_the_held_out_ct() {
     // (model card), above what a model that ignores the clicks or the image could reach.
     for (id, organ, floor_1, floor_3) in [
         (5, "liver", 0.82, 0.88),
-        (1, "spleen", 0.85, 0.9),
-        (2, "kidney_right", 0.43, 0.62),
-        (3, "kidney_left", 0.5, 0.68),
+        (1, "spleen", 0.88, 0.92),
+        (2, "kidney_right", 0.55, 0.75),
+        (3, "kidney_left", 0.52, 0.7),
     ] {
         let region = |k: usize| labels.slice_f32(k).mapv(|v| v == id as f32);
         let k = (0..depth)
