@@ -18,7 +18,8 @@ No RAS reorientation (unlike monai.apps.deepgrow.dataset.create_dataset): the se
 Augmentation on the 1 mm slice, before the crop (--no-augment turns it off): the 8 in-plane orientations (flips and
 a transpose, since the server sees volumes in their stored order), a smaller field of view around the object (so that
 the crop + resize stretches it, as the server does with small images), loss of in-plane resolution (down- then
-up-sampling, as for 3 mm data), and small intensity shifts, scalings and noise.
+up-sampling, as for 3 mm data), and small intensity shifts, scalings and noise; with --elastic P, also (with
+probability P) MONAI's Rand2DElasticd with a rotation of up to 0.2 rad and a scaling of up to 15 %.
 
 Cost on 2 CPU cores: with --patch-size, steps before --patch-until run every click round and the update on a random
 patch of the network input that contains the object (the network is fully convolutional); later steps use the
@@ -27,7 +28,8 @@ whole 512 x 512 input, so that the InstanceNorm statistics of the served input a
 
 Click simulation is MONAI's Deepgrow one (monai.apps.deepgrow.interaction.Interaction, run by simulate_clicks) with
 Activationsd(sigmoid) -> FindDiscrepancyRegionsd -> AddRandomGuidanced -> AddGuidanceSignald, up to
---max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True), Adam lr 1e-4 (constant,
+--max-interactions (15) rounds per step (Sakinis et al. 2019). Loss DiceLoss(sigmoid=True) (--loss dice-bce: MONAI's
+DiceCELoss, Dice + binary cross-entropy), Adam lr 1e-4 (constant,
 or cosine-annealed with --lr-schedule cosine); --init starts from a checkpoint's or a served model.onnx's weights.
 
     # train (GPU if available), checkpoints in --work-dir every --ckpt-every steps; --resume continues from last.pt
@@ -238,8 +240,9 @@ def apply_pre(transforms, d: dict, seed: int, rng: np.random.Generator | None = 
     return first_click(d)
 
 
-def augment(d: dict, rng: np.random.Generator) -> dict:
-    """Training augmentation of one (1, H, W) slice at 1 mm and its binary label (see the module docstring)."""
+def augment(d: dict, rng: np.random.Generator, elastic: float = 0.0) -> dict:
+    """Training augmentation of one (1, H, W) slice at 1 mm and its binary label (see the module docstring);
+    with probability `elastic`, also MONAI's elastic deformation with a small rotation and scaling."""
     image, label = d["image"], d["label"]
     if rng.random() < 0.5:
         image, label = image[:, ::-1], label[:, ::-1]
@@ -262,6 +265,9 @@ def augment(d: dict, rng: np.random.Generator) -> dict:
         image, label = image[:, y0:y1, x0:x1], label[:, y0:y1, x0:x1]
     image = np.ascontiguousarray(image, dtype=np.float32)
     label = np.ascontiguousarray(label, dtype=np.float32)
+    # drawn only when asked for, so that runs without it keep their random streams
+    if elastic and rng.random() < elastic:
+        image, label = elastic_deform(image, label, int(rng.integers(2**31)))
     if rng.random() < 0.25 and min(image.shape[1:]) >= 32:
         # coarser in-plane resolution (e.g. 1.5-3 mm data resampled to 1 mm)
         f = rng.uniform(1.5, 3.2)
@@ -275,6 +281,22 @@ def augment(d: dict, rng: np.random.Generator) -> dict:
     if rng.random() < 0.2:
         image = image + rng.normal(0.0, rng.uniform(2.0, 20.0), image.shape).astype(np.float32)
     return {**d, "image": image.astype(np.float32), "label": label}
+
+
+def elastic_deform(image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rand2DElasticd: control points every 40 mm moved by 2-5 mm (a mean displacement of about 3 mm), a rotation
+    of up to 0.2 rad and a scaling of up to 15 %. Keeps the input when the object would fall out of view."""
+    from monai.transforms import Rand2DElasticd
+
+    deform = Rand2DElasticd(keys=("image", "label"), spacing=(40, 40), magnitude_range=(2, 5), prob=1.0,
+                            rotate_range=(0.2,), scale_range=(0.15, 0.15), mode=("bilinear", "nearest"),
+                            padding_mode=("border", "zeros"))
+    deform.set_random_state(seed=seed)
+    out = deform({"image": image, "label": label})
+    new_label = np.ascontiguousarray(np.asarray(out["label"]), dtype=np.float32)
+    if new_label.sum() < max(10.0, 0.5 * float(label.sum())):
+        return image, label
+    return np.ascontiguousarray(np.asarray(out["image"]), dtype=np.float32), new_label
 
 
 def random_patch(d: dict, patch: int, rng: np.random.Generator) -> dict:
@@ -315,8 +337,10 @@ class SliceDataset(torch.utils.data.Dataset):
     `patch_until` are patches of `patch_size` (0: the whole network input)."""
 
     def __init__(self, cases, samples, transforms, seed: int, augment: bool = True, patch_size: int = 0,
-                 patch_until: int = 0, batch_size: int = 1, shares: dict[str, float] | None = None):
+                 patch_until: int = 0, batch_size: int = 1, shares: dict[str, float] | None = None,
+                 elastic: float = 0.0):
         self.cases, self.transforms, self.seed, self.augment = cases, transforms, seed, augment
+        self.elastic = elastic
         self.patch_size, self.patch_until, self.batch_size = patch_size, patch_until, batch_size
         by_structure: dict[tuple[str, int], list] = {}
         for sample in samples:
@@ -345,7 +369,7 @@ class SliceDataset(torch.utils.data.Dataset):
         group = self.structures[int(rng.choice(len(self.structures), p=self.structure_p))]
         d = sample_dict(self.cases, group[int(rng.integers(len(group)))])
         if self.augment:
-            d = augment(d, rng)
+            d = augment(d, rng, self.elastic)
         return apply_pre(self.transforms, d, int(rng.integers(2**31)), rng, self.patch_for(g))
 
 
@@ -488,7 +512,7 @@ def learning_rate(args, step: int) -> float:
 
 def train(args) -> int:
     from monai.data import list_data_collate
-    from monai.losses import DiceLoss
+    from monai.losses import DiceCELoss, DiceLoss
 
     seed_all(args.seed)
     device = pick_device(args.device)
@@ -523,7 +547,7 @@ def train(args) -> int:
         val_samples = [val_samples[int(i)] for i in np.linspace(0, len(val_samples) - 1, args.val_limit)]
     ds = SliceDataset(train_cases, train_samples, pre_transforms(args, train=True), args.seed,
                       augment=args.augment, patch_size=args.patch_size, patch_until=args.patch_until,
-                      batch_size=args.batch_size,
+                      batch_size=args.batch_size, elastic=args.elastic,
                       shares={"abdomen": 1.0 - args.hn_share, "head_neck": args.hn_share} if args.hn_dir else None)
     train_names = sorted(train_cases)
     print(f"device {device}; {len(train_names)} train cases: {len(train_samples)} (slice, region) samples in "
@@ -533,7 +557,8 @@ def train(args) -> int:
     net = dm.build_net(seed=args.seed).to(device)
     assert dm.count_params(net) == dm.EXPECTED_PARAMS
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    loss_fn = DiceLoss(sigmoid=True)
+    # Dice alone (MONAI's deepgrow recipe) or Dice + binary cross-entropy (the usual choice for few patients)
+    loss_fn = DiceLoss(sigmoid=True) if args.loss == "dice" else DiceCELoss(sigmoid=True)
     step, best = 0, None
     last = work / "last.pt"
     if args.init and not args.resume:
@@ -704,11 +729,15 @@ def parse_args(argv=None):
                         "same patient (totalseg_examplect112 holds totalseg_example_ct_sm)")
     g.add_argument("--min-area", type=int, default=10, help="skip label regions smaller than this (pixels at 1 mm)")
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no random in-plane flips")
+    g.add_argument("--elastic", type=float, default=0.0,
+                   help="probability of an elastic deformation with rotation and scaling per sample (0: none)")
 
     g = ap.add_argument_group("training")
     g.add_argument("--steps", type=int, default=20000)
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--loss", choices=["dice", "dice-bce"], default="dice",
+                   help="DiceLoss(sigmoid=True), or DiceCELoss(sigmoid=True): Dice + binary cross-entropy")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     g.add_argument("--lr-min", type=float, default=1e-6, help="the cosine schedule's last learning rate")
     g.add_argument("--init", type=Path, default=None,

@@ -114,3 +114,35 @@ def test_extra_and_head_neck_data_keep_the_held_out_patient_out(tmp_path, monkey
     log = [json.loads(line) for line in (init / "train_log.jsonl").read_text().splitlines()]
     args = train.parse_args(common + ["--steps", "2"])
     assert log[0]["lr"] == args.lr and abs(train.learning_rate(args, 2) - args.lr_min) < 1e-12
+
+
+def test_elastic_augmentation_and_dice_bce_loss(tmp_path):
+    # the elastic deformation moves the slice and its label together and keeps the object in view
+    yy, xx = np.mgrid[:120, :100]
+    disc = ((yy - 60) ** 2 + (xx - 50) ** 2 < 20 ** 2).astype(np.float32)[None]
+    image = (disc * 200.0 - 100.0).astype(np.float32)
+    moved_image, moved_label = train.elastic_deform(image, disc, seed=4)
+    assert moved_image.shape == image.shape and moved_label.shape == disc.shape
+    assert not np.array_equal(moved_label, disc)
+    assert 0.6 < moved_label.sum() / disc.sum() < 1.5
+    # the image followed the label: bright where the moved object is, dark elsewhere (bar the bilinear rim)
+    inside, outside = moved_image[moved_label > 0.5], moved_image[moved_label < 0.5]
+    assert np.median(inside) > 90 and np.median(outside) < -90
+    # off (the default), it draws nothing: the other augmentations see the same random stream as before
+    d = {"image": image, "label": disc}
+    plain = train.augment(d, np.random.default_rng(7))
+    off = train.augment(d, np.random.default_rng(7), 0.0)
+    assert np.array_equal(plain["image"], off["image"]) and np.array_equal(plain["label"], off["label"])
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    _write_case(data, "case_a", rng, [(10, 10, 5), (25, 20, 8)])
+    _write_case(data, "held_out", rng, [(15, 15, 6), (28, 22, 7)])
+    work = tmp_path / "work"
+    common = ["--smoke", "--data-dir", str(data), "--val-case", "held_out", "--work-dir", str(work),
+              "--steps", "2", "--val-every", "0", "--loss", "dice-bce", "--elastic", "1.0"]
+    assert train.main(common) == 0
+    log = [json.loads(line) for line in (work / "train_log.jsonl").read_text().splitlines()]
+    # Dice + BCE is not bounded by 1 as Dice alone is, but stays finite and positive
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+    assert train.parse_args(common).loss == "dice-bce"
