@@ -113,7 +113,7 @@ fn tract_kernels_match_onnxruntime() {
 /// The stated bound for the bfloat16 kernels: max |logit − float64 logit| on every golden network input, and
 /// the largest |logit| at which a mask pixel may differ from the exact model's. It depends on the weights: the
 /// version 2 model measured at most 0.081 (Xeon, AMX and AVX-512-BF16; BENCHMARKS.md), version 3, whose logits
-/// run steeper, 0.35 (AMD EPYC, AVX-512-BF16); the masks stay within BF16_MIN_DICE of the exact model's.
+/// run steeper, 0.41 (AMD EPYC, AVX-512-BF16); the masks stay within BF16_MIN_DICE of the exact model's.
 const BF16_LOGIT_BOUND: f32 = 0.5;
 /// The bound on mask agreement with the exact model.
 const BF16_MIN_DICE: f64 = 0.995;
