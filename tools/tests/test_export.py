@@ -89,7 +89,12 @@ def test_bundled_config():
     assert list(cfg) == CONFIG_KEYS and list(cfg["pipeline"]) == PIPELINE_KEYS
     assert cfg["type"] == "deepgrow" and cfg["deepgrow"] == "2D" and cfg["name"] == "deepgrow_2d"
     assert cfg["network"] == {"input_name": "image", "output_name": "pred"}
-    assert cfg["pipeline"]["model_size"] == [512, 512]
+    pipeline = cfg["pipeline"]
+    # version 3 serves at 256 x 256 (its graph declares 512; the server sets the input to model_size): the crop
+    # is the input, BasicUNet's four poolings need multiples of 16, and the rest is the pipeline it trained with
+    assert pipeline["model_size"] == pipeline["crop_size"] and all(v % 16 == 0 for v in pipeline["model_size"])
+    assert {k: v for k, v in pipeline.items() if k not in ("model_size", "crop_size")} == {
+        k: v for k, v in dm.DEFAULT_PIPELINE.items() if k not in ("model_size", "crop_size")}
 
 
 def test_bundled_model_and_fixture_agree():
