@@ -11,7 +11,7 @@ mod common;
 
 use deepgrow_server::deepgrow::{self, Clicks};
 use deepgrow_server::engine::{fast, Engine, Kernels, TractEngine};
-use deepgrow_server::models::read_model_config;
+use deepgrow_server::models::{read_model_config, ModelConfig};
 use deepgrow_server::nifti_io::{decode, DecodeLimits};
 use ndarray::{Array2, Array4};
 
@@ -30,13 +30,15 @@ fn model_path() -> std::path::PathBuf {
     root().join("models/deepgrow_2d/model.onnx")
 }
 
-/// The input size of the bundled model's pipeline (config.json), at which the CT inputs are built.
-fn model_size() -> [usize; 2] {
+/// The bundled model's config.json: its pipeline builds the CT inputs, at its input size.
+fn bundled_config() -> ModelConfig {
     read_model_config(&root().join("models/deepgrow_2d"))
         .unwrap()
         .unwrap()
-        .pipeline
-        .model_size
+}
+
+fn model_size() -> [usize; 2] {
+    bundled_config().pipeline.model_size
 }
 
 /// Network inputs from the real CT fixture through the server's pipeline: a liver click and a kidney click.
@@ -50,9 +52,7 @@ fn ct_inputs() -> Vec<Array4<f32>> {
         },
     )
     .unwrap();
-    let config = read_model_config(&root().join("models/deepgrow_2d"))
-        .unwrap()
-        .unwrap();
+    let config = bundled_config();
     let spacing = deepgrow::in_plane_spacing(&volume.geometry.affine).unwrap();
     // the centres of the liver (slice 24) and the right kidney (slice 8), where the label is largest
     [[82.0, 57.0, 24.0], [81.0, 34.0, 8.0]]

@@ -557,7 +557,7 @@ def train(args) -> int:
     net = dm.build_net(seed=args.seed).to(device)
     assert dm.count_params(net) == dm.EXPECTED_PARAMS
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    # Dice alone (MONAI's deepgrow recipe) or Dice + binary cross-entropy (the usual choice for few patients)
+    # Dice alone (MONAI's deepgrow recipe) or Dice + binary cross-entropy (the model card's ablation)
     loss_fn = DiceLoss(sigmoid=True) if args.loss == "dice" else DiceCELoss(sigmoid=True)
     step, best = 0, None
     last = work / "last.pt"
